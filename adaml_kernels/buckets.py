@@ -1,0 +1,184 @@
+"""Buckets: the tensors that one kernel launch updates, and the table the kernels read them from.
+
+A bucket holds parameters of one device and one dtype. The fused kernels do not take the
+tensors as arguments; they read a per-bucket table with one 64-byte row per tensor:
+
+    column  0: param address        4: step address (float32, 0-dim)
+            1: grad address         5: initial-loss address (moment dtype, 0-dim), or 0
+            2: exp_avg address      6: numel
+            3: exp_avg_sq address   7: index of the tensor's first chunk
+
+Work is split into chunks of CHUNK elements, one program (Triton) or block (CUDA) or loop
+iteration (CPU) per chunk; `chunk_tensor[c]` names the tensor that chunk c belongs to, and the
+chunk starts at element `(c - row[7]) * CHUNK` of that tensor. All offsets are 64-bit.
+
+The table holds raw addresses, so a bucket keeps references to every tensor it points at and is
+rebuilt whenever any of those storages moves (see Bucket.matches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 2048
+TABLE_COLUMNS = 8
+# The CUDA and Triton kernels use 16-byte vector loads when every address is 16-byte aligned.
+VECTOR_BYTES = 16
+
+
+def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Moments are float32 whatever the parameter dtype, except float64 for float64 params."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True if the elements of t fill a contiguous block of memory in some dimension order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass
+class PointerTable:
+    rows: torch.Tensor  # int64 [T, TABLE_COLUMNS], on the bucket's device
+    rows_host: torch.Tensor  # the same rows on the CPU, to check them against the tensors
+    chunk_tensor: torch.Tensor  # int32 [num_chunks], on the bucket's device
+    num_chunks: int
+    aligned: bool  # every param/grad/moment address is VECTOR_BYTES-aligned
+
+
+class Bucket:
+    """Parameters, gradients and state of one device and dtype, updated in one launch.
+
+    `steps` and `initial_losses` are lists of 0-dim tensors. When the steps are consecutive
+    elements of one buffer (as the optimizer lays them out), the step count is advanced with a
+    single add on that buffer.
+    """
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses=None):
+        self.params = list(params)
+        self.grads = list(grads)
+        self.exp_avgs = list(exp_avgs)
+        self.exp_avg_sqs = list(exp_avg_sqs)
+        self.steps = list(steps)
+        self.initial_losses = None if initial_losses is None else list(initial_losses)
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.flat_steps = _as_one_buffer(self.steps)
+        self._table: PointerTable | None = None
+        self._key = self.storage_key(self.params, self.grads)
+
+    @staticmethod
+    def storage_key(params, grads) -> list[int]:
+        """Addresses that must not change for the cached table to stay valid."""
+        return [p.data_ptr() for p in params] + [g.data_ptr() for g in grads]
+
+    def matches(self, params, grads) -> bool:
+        return len(params) == len(self.params) and self.storage_key(params, grads) == self._key
+
+    def advance_steps(self, take: torch.Tensor) -> None:
+        """step += take (take is 1.0 for a step taken, 0.0 for a skipped one), on the device."""
+        if self.flat_steps is not None:
+            self.flat_steps.add_(take)
+        else:
+            torch._foreach_add_(self.steps, take)
+
+    def table(self) -> PointerTable:
+        if self._table is None:
+            self._table = build_table(
+                self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
+                self.initial_losses,
+            )
+        return self._table
+
+    def fused_op_args(self, hp, loss, take, grad_scale) -> tuple:
+        """Arguments of the fused ops (Triton, C++, CUDA), in their schema's order:
+
+        (params!, grads, exp_avgs!, exp_avg_sqs!, steps, initial_losses!, rows, rows_host,
+         chunk_tensor, loss, take, lr_tensor?, grad_scale?, lr, beta1, beta2, eps, gamma, phi,
+         loss_offset, weight_decay, normalize_loss, decoupled_weight_decay, maximize)
+        """
+        table = self.table()
+        lr_tensor = hp.lr.to(self.device) if isinstance(hp.lr, torch.Tensor) else None
+        return (
+            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
+            self.initial_losses or [], table.rows, table.rows_host, table.chunk_tensor,
+            loss, take, lr_tensor, grad_scale,
+            0.0 if lr_tensor is not None else float(hp.lr), hp.beta1, hp.beta2, hp.eps,
+            hp.gamma, hp.phi, hp.loss_offset, hp.weight_decay,
+            hp.normalize_loss, hp.decoupled_weight_decay, hp.maximize,
+        )
+
+
+def _as_one_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-d tensor whose elements are exactly `tensors`, in order, if there is one."""
+    first = tensors[0]
+    if any(t.dim() != 0 for t in tensors):
+        return None
+    size = first.element_size()
+    if not all(
+        t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.data_ptr() == first.data_ptr() + i * size
+        and t.dtype == first.dtype
+        for i, t in enumerate(tensors)
+    ):
+        return None
+    return first.as_strided((len(tensors),), (1,))
+
+
+def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses) -> PointerTable:
+    """The pointer table of these tensors (initial_losses may be empty: column 5 is then 0)."""
+    rows = []
+    chunk_counts = []
+    first_chunk = 0
+    aligned = True
+    for i, p in enumerate(params):
+        addresses = [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                     exp_avg_sqs[i].data_ptr()]
+        aligned = aligned and all(a % VECTOR_BYTES == 0 for a in addresses)
+        initial_loss = initial_losses[i].data_ptr() if initial_losses else 0
+        n = p.numel()
+        chunks = -(-n // CHUNK)
+        rows.append(addresses + [steps[i].data_ptr(), initial_loss, n, first_chunk])
+        chunk_counts.append(chunks)
+        first_chunk += chunks
+    rows_t = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
+    chunk_tensor = torch.repeat_interleave(
+        torch.arange(len(rows), dtype=torch.int32), torch.tensor(chunk_counts, dtype=torch.int64)
+    )
+    device = params[0].device if params else torch.device("cpu")
+    return PointerTable(
+        rows=rows_t.to(device),
+        rows_host=rows_t,
+        chunk_tensor=chunk_tensor.to(device),
+        num_chunks=first_chunk,
+        aligned=aligned,
+    )
+
+
+def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps,
+                  initial_losses) -> bool:
+    """Whether `rows_host` points at exactly these tensors.
+
+    A fused op is handed the cached table together with the tensors it updates. Under
+    torch.compile's functionalization the tensors may be copies; the op then builds a table
+    for the copies instead of writing through stale addresses.
+    """
+    if rows_host.shape[0] != len(params):
+        return False
+    expected = rows_host[:, :6].tolist()
+    f1 = initial_losses if initial_losses else [None] * len(params)
+    return all(
+        row == [p.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(), s.data_ptr(),
+                0 if f is None else f.data_ptr()]
+        for row, p, g, m, w, s, f in zip(expected, params, grads, exp_avgs, exp_avg_sqs, steps, f1)
+    )

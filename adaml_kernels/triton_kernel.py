@@ -1,0 +1,257 @@
+"""Triton backend: one fused kernel launch per bucket.
+
+Each program updates one chunk of CHUNK elements of one tensor. It finds its tensor through the
+bucket's pointer table (buckets.py), so a bucket of any number of tensors is a single launch and
+the parameters stay where the model put them. Per program, the step-dependent scalars (scaled
+loss, bias corrections) are computed once in float64; the element-wise update runs in float32
+and each array is read and written exactly once.
+
+The loss, the step counts and the take/skip flag are read from device memory: the launch needs
+no host synchronisation and can be captured in a CUDA graph. On a machine without a GPU the same
+kernel runs on CPU tensors under TRITON_INTERPRET=1 (which must be set before this module is
+imported).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .buckets import CHUNK, TABLE_COLUMNS, VECTOR_BYTES, Bucket, build_table, table_matches
+from .functional import L_MIN, Hyperparams
+
+_TRITON_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Weight-decay modes: they change which arrays feed the update, so they are constexpr.
+NO_DECAY, L2_DECAY, DECOUPLED_DECAY = 0, 1, 2
+
+
+@triton.jit
+def _round_to(x, PARAM: tl.constexpr):
+    """float32 -> PARAM, rounding to nearest even."""
+    if PARAM == tl.bfloat16:
+        # Done on the bits so that every Triton version, and its CPU interpreter (which
+        # truncates), rounds the same way: add half an ulp of bf16, ties to even, keep NaN.
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(PARAM)
+
+
+@triton.jit
+def _update_chunk(
+    p_ptr, g_ptr, m_ptr, w_ptr, offs, mask, grad_scale,
+    beta1, one_minus_beta1, beta2, coef_g2, coef_eps, step_size, weight_decay, decay,
+    PARAM: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    DECAY_MODE: tl.constexpr,
+):
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask)
+    if MAXIMIZE:
+        g = -g
+    if HAS_GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if DECAY_MODE == 1:
+        g = g + weight_decay * p
+    if DECAY_MODE == 2:
+        p = p * decay
+    m = beta1 * m + one_minus_beta1 * g
+    w = beta2 * w + coef_g2 * (g * g) + coef_eps
+    # IEEE division and square root keep the result within an ulp or two of the reference.
+    quotient = tl.where(w == 0.0, 0.0, tl.div_rn(m, tl.sqrt_rn(w)))
+    p = p - step_size * quotient
+    tl.store(p_ptr + offs, _round_to(p, PARAM), mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(w_ptr + offs, w, mask=mask)
+
+
+@triton.jit
+def adaml_kernel(
+    rows_ptr, chunk_tensor_ptr, loss_ptr, take_ptr, lr_ptr, grad_scale_ptr,
+    lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2,
+    eps, gamma, phi, loss_offset, weight_decay,
+    PARAM: tl.constexpr, NORMALIZE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    DECAY_MODE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, COLUMNS: tl.constexpr, L_MIN: tl.constexpr,
+):
+    # Scalar arguments arrive as float32 (Triton's float argument type); widen once.
+    lr = tl.cast(lr, tl.float64)
+    log_beta1 = tl.cast(log_beta1, tl.float64)
+    log_beta2 = tl.cast(log_beta2, tl.float64)
+    one_minus_beta2 = tl.cast(one_minus_beta2, tl.float64)
+    eps = tl.cast(eps, tl.float64)
+    gamma = tl.cast(gamma, tl.float64)
+    phi = tl.cast(phi, tl.float64)
+    loss_offset = tl.cast(loss_offset, tl.float64)
+    weight_decay64 = tl.cast(weight_decay, tl.float64)
+
+    chunk = tl.program_id(0)
+    row = rows_ptr + tl.load(chunk_tensor_ptr + chunk).to(tl.int64) * COLUMNS
+    p_addr = tl.load(row + 0)
+    g_addr = tl.load(row + 1)
+    m_addr = tl.load(row + 2)
+    w_addr = tl.load(row + 3)
+    step_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    numel = tl.load(row + 6)
+    start = (chunk - tl.load(row + 7)) * CHUNK  # int64: the row is int64
+    p_ptr = p_addr.to(tl.pointer_type(PARAM))
+    g_ptr = g_addr.to(tl.pointer_type(PARAM))
+    m_ptr = m_addr.to(tl.pointer_type(tl.float32))
+    w_ptr = w_addr.to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        # Lets the compiler use 16-byte vector loads and stores.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+
+    # A skipped step is a step over zero elements: nothing is read or written.
+    take = tl.load(take_ptr) != 0.0
+    numel = tl.where(take, numel, 0)
+
+    # Step-dependent scalars, once per program, in float64.
+    loss = tl.load(loss_ptr).to(tl.float64)
+    if NORMALIZE:
+        f1_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        f1 = tl.load(f1_ptr).to(tl.float64)
+        f1 = tl.where(f1 != f1, loss, f1)  # NaN: no step taken yet, this loss is f_1
+        # Only the tensor's first chunk records f_1. Programs that read it concurrently get
+        # either NaN or this same loss, and both give the same f_1, so the race is harmless.
+        if take & (start == 0):
+            tl.store(f1_ptr, f1.to(tl.float32))
+        scale = tl.maximum(f1 - loss_offset, L_MIN)
+        l = tl.maximum((loss - loss_offset) / scale, L_MIN)
+    else:
+        l = tl.maximum(loss - loss_offset, L_MIN)
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    k = tl.load(step_ptr).to(tl.float64)
+    bias1 = 1.0 - tl.exp(k * log_beta1)  # 1 - beta1^k; log_beta1 = -inf when beta1 = 0
+    bias2 = 1.0 - tl.exp(k * log_beta2)
+    coef_g2 = (one_minus_beta2 / (gamma * tl.exp(phi * tl.log(l)))).to(tl.float32)
+    coef_eps = (eps * l).to(tl.float32)
+    # m_hat / sqrt(w_hat) = m / sqrt(w) * sqrt(bias2) / bias1
+    step_size = (lr * tl.sqrt(bias2) / bias1).to(tl.float32)
+    decay = (1.0 - lr * weight_decay64).to(tl.float32)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+
+    offs = start + tl.arange(0, CHUNK)
+    if start + CHUNK <= numel:
+        # Full chunk: no mask, so aligned data is moved with 16-byte vector accesses.
+        _update_chunk(
+            p_ptr, g_ptr, m_ptr, w_ptr, offs, None, grad_scale,
+            beta1, one_minus_beta1, beta2, coef_g2, coef_eps, step_size, weight_decay, decay,
+            PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+        )
+    else:
+        _update_chunk(
+            p_ptr, g_ptr, m_ptr, w_ptr, offs, offs < numel, grad_scale,
+            beta1, one_minus_beta1, beta2, coef_g2, coef_eps, step_size, weight_decay, decay,
+            PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+        )
+
+
+def _as_float32(x: float) -> float:
+    """x rounded to float32, as a compiled kernel receives it; the interpreter then agrees."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+@torch.library.custom_op(
+    "adaml_kernels::triton_step_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "initial_losses"),
+)
+def triton_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    initial_losses: list[torch.Tensor],
+    rows: torch.Tensor,
+    rows_host: torch.Tensor,
+    chunk_tensor: torch.Tensor,
+    loss: torch.Tensor,
+    take: torch.Tensor,
+    lr_tensor: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    gamma: float,
+    phi: float,
+    loss_offset: float,
+    weight_decay: float,
+    normalize_loss: bool,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """One AdamL step over the tensors of a bucket, in one launch (schema: Bucket.fused_op_args)."""
+    if not params:
+        return
+    if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses):
+        num_chunks, aligned = chunk_tensor.numel(), _aligned(rows_host)
+    else:  # copies of the tensors (torch.compile): point a fresh table at them
+        table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses)
+        rows, chunk_tensor, num_chunks, aligned = (
+            table.rows, table.chunk_tensor, table.num_chunks, table.aligned
+        )
+    if num_chunks == 0:
+        return
+    if normalize_loss and not initial_losses:
+        raise ValueError("normalize_loss=True needs initial_losses")
+    if weight_decay == 0:
+        decay_mode = NO_DECAY
+    else:
+        decay_mode = DECOUPLED_DECAY if decoupled_weight_decay else L2_DECAY
+    device = params[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        adaml_kernel[(num_chunks,)](
+            rows, chunk_tensor, loss, take,
+            take if lr_tensor is None else lr_tensor,  # unused unless LR_IS_TENSOR
+            take if grad_scale is None else grad_scale,  # unused unless HAS_GRAD_SCALE
+            *map(_as_float32, (
+                lr, beta1, 1.0 - beta1, _log(beta1), beta2, 1.0 - beta2, _log(beta2),
+                eps, gamma, phi, loss_offset, weight_decay,
+            )),
+            PARAM=_TRITON_DTYPE[params[0].dtype],
+            NORMALIZE=normalize_loss,
+            MAXIMIZE=maximize,
+            DECAY_MODE=decay_mode,
+            LR_IS_TENSOR=lr_tensor is not None,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            ALIGNED=aligned,
+            CHUNK=CHUNK,
+            COLUMNS=TABLE_COLUMNS,
+            L_MIN=L_MIN,
+            num_warps=8,
+        )
+
+
+@triton_step_.register_fake
+def _(*args) -> None:
+    return None
+
+
+def _aligned(rows_host: torch.Tensor) -> bool:
+    return bool((rows_host[:, :4] % VECTOR_BYTES == 0).all())
+
+
+def step(bucket: Bucket, hp: Hyperparams, loss, take, grad_scale) -> None:
+    triton_step_(*bucket.fused_op_args(hp, loss, take, grad_scale))
