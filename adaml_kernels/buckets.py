@@ -8,9 +8,10 @@ tensors as arguments; they read a per-bucket table with one 64-byte row per tens
             2: exp_avg address      6: numel
             3: exp_avg_sq address   7: index of the tensor's first chunk
 
-Work is split into chunks of CHUNK elements, one program (Triton) or block (CUDA) or loop
-iteration (CPU) per chunk; `chunk_tensor[c]` names the tensor that chunk c belongs to, and the
-chunk starts at element `(c - row[7]) * CHUNK` of that tensor. All offsets are 64-bit.
+Work is split into chunks of CHUNK elements (at least one per tensor, so that an empty tensor
+still records f_1), one program (Triton), block (CUDA) or loop iteration (CPU) per chunk;
+`chunk_tensor[c]` names the tensor that chunk c belongs to, and the chunk starts at element
+`(c - row[7]) * CHUNK` of that tensor. All offsets are 64-bit.
 
 The table holds raw addresses, so a bucket keeps references to every tensor it points at and is
 rebuilt whenever any of those storages moves (see Bucket.matches).
@@ -147,7 +148,7 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses) -> 
         aligned = aligned and all(a % VECTOR_BYTES == 0 for a in addresses)
         initial_loss = initial_losses[i].data_ptr() if initial_losses else 0
         n = p.numel()
-        chunks = -(-n // CHUNK)
+        chunks = max(1, -(-n // CHUNK))
         rows.append(addresses + [steps[i].data_ptr(), initial_loss, n, first_chunk])
         chunk_counts.append(chunks)
         first_chunk += chunks

@@ -67,8 +67,10 @@ def _update_chunk(
         p = p * decay
     m = beta1 * m + one_minus_beta1 * g
     w = beta2 * w + coef_g2 * (g * g) + coef_eps
-    # IEEE division and square root keep the result within an ulp or two of the reference.
-    quotient = tl.where(w == 0.0, 0.0, tl.div_rn(m, tl.sqrt_rn(w)))
+    # IEEE division and square root keep the result within an ulp or two of the reference;
+    # where w == 0 the quotient is 0 (and no 0/0 is formed).
+    nonzero = w != 0.0
+    quotient = tl.where(nonzero, tl.div_rn(m, tl.sqrt_rn(tl.where(nonzero, w, 1.0))), 0.0)
     p = p - step_size * quotient
     tl.store(p_ptr + offs, _round_to(p, PARAM), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
@@ -79,20 +81,22 @@ def _update_chunk(
 def adaml_kernel(
     rows_ptr, chunk_tensor_ptr, loss_ptr, take_ptr, lr_ptr, grad_scale_ptr,
     lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2,
-    eps, gamma, phi, loss_offset, weight_decay,
+    eps, gamma, phi_hi, phi_lo, loss_offset_hi, loss_offset_lo, weight_decay,
     PARAM: tl.constexpr, NORMALIZE: tl.constexpr, MAXIMIZE: tl.constexpr,
     DECAY_MODE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     ALIGNED: tl.constexpr, CHUNK: tl.constexpr, COLUMNS: tl.constexpr, L_MIN: tl.constexpr,
 ):
-    # Scalar arguments arrive as float32 (Triton's float argument type); widen once.
+    # Scalar arguments arrive as float32 (Triton's float argument type); widen once. phi and
+    # loss_offset come as float32 (hi, lo) pairs: their rounding error would be amplified
+    # (phi multiplies log(l); loss_offset is subtracted from a nearby loss).
     lr = tl.cast(lr, tl.float64)
     log_beta1 = tl.cast(log_beta1, tl.float64)
     log_beta2 = tl.cast(log_beta2, tl.float64)
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float64)
     eps = tl.cast(eps, tl.float64)
     gamma = tl.cast(gamma, tl.float64)
-    phi = tl.cast(phi, tl.float64)
-    loss_offset = tl.cast(loss_offset, tl.float64)
+    phi = tl.cast(phi_hi, tl.float64) + tl.cast(phi_lo, tl.float64)
+    loss_offset = tl.cast(loss_offset_hi, tl.float64) + tl.cast(loss_offset_lo, tl.float64)
     weight_decay64 = tl.cast(weight_decay, tl.float64)
 
     chunk = tl.program_id(0)
@@ -135,7 +139,7 @@ def adaml_kernel(
         l = tl.maximum(loss - loss_offset, L_MIN)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
-    k = tl.load(step_ptr).to(tl.float64)
+    k = tl.maximum(tl.load(step_ptr).to(tl.float64), 1.0)  # 0 only on a skipped first step
     bias1 = 1.0 - tl.exp(k * log_beta1)  # 1 - beta1^k; log_beta1 = -inf when beta1 = 0
     bias2 = 1.0 - tl.exp(k * log_beta2)
     coef_g2 = (one_minus_beta2 / (gamma * tl.exp(phi * tl.log(l)))).to(tl.float32)
@@ -166,6 +170,12 @@ def adaml_kernel(
 def _as_float32(x: float) -> float:
     """x rounded to float32, as a compiled kernel receives it; the interpreter then agrees."""
     return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _as_float32_pair(x: float) -> tuple[float, float]:
+    """x as hi + lo, both float32: about 48 significant bits."""
+    hi = _as_float32(x)
+    return hi, _as_float32(x - hi)
 
 
 def _log(beta: float) -> float:
@@ -227,9 +237,11 @@ def triton_step_(
             take if lr_tensor is None else lr_tensor,  # unused unless LR_IS_TENSOR
             take if grad_scale is None else grad_scale,  # unused unless HAS_GRAD_SCALE
             *map(_as_float32, (
-                lr, beta1, 1.0 - beta1, _log(beta1), beta2, 1.0 - beta2, _log(beta2),
-                eps, gamma, phi, loss_offset, weight_decay,
+                lr, beta1, 1.0 - beta1, _log(beta1), beta2, 1.0 - beta2, _log(beta2), eps, gamma,
             )),
+            *_as_float32_pair(phi),
+            *_as_float32_pair(loss_offset),
+            _as_float32(weight_decay),
             PARAM=_TRITON_DTYPE[params[0].dtype],
             NORMALIZE=normalize_loss,
             MAXIMIZE=maximize,
