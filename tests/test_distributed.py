@@ -1,0 +1,73 @@
+"""Under data parallelism every rank must use the same l: AdamL averages the loss."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from adaml_kernels import AdamL
+
+LOSSES = {0: [1.0, 2.5, 0.5], 1: [3.0, 0.5, 1.5]}  # per rank; the means are 2.0, 1.5, 1.0
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 3)
+
+
+def grads_for(step, model):
+    g = torch.Generator().manual_seed(step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)  # the same on every rank, as after all-reduce
+
+
+def rank_main(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for loss_group in ("world", None):
+        model = make_model()
+        opt = AdamL(model.parameters(), lr=0.1, eps=1e-2, backend="reference",
+                    loss_group=loss_group)
+        for step, loss in enumerate(LOSSES[rank]):
+            grads_for(step, model)
+            opt.step(torch.tensor(loss))
+        torch.save(model.state_dict(), os.path.join(out_dir, f"{loss_group}-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    # fork: the children need not import torch again (no CUDA context exists in tests here)
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(rank_main, args=(2, free_port(), str(out)), nprocs=2, start_method=method)
+    return {group: [torch.load(out / f"{group}-rank{r}.pt") for r in (0, 1)]
+            for group in ("world", None)}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_ranks_with_different_losses_stay_identical(rank_results):
+    rank0, rank1 = rank_results["world"]
+    single = make_model()
+    opt = AdamL(single.parameters(), lr=0.1, eps=1e-2, backend="reference")
+    for step in range(3):
+        grads_for(step, single)
+        opt.step(torch.tensor((LOSSES[0][step] + LOSSES[1][step]) / 2))
+    for name, value in single.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name])
+        torch.testing.assert_close(rank0[name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_averaging_can_be_turned_off(rank_results):
+    rank0, rank1 = rank_results[None]
+    assert not torch.equal(rank0["weight"], rank1["weight"])
