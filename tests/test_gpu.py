@@ -23,14 +23,14 @@ def make(backend, dtype=torch.float32):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_step_never_synchronises(backend):
     params, opt = make(backend)
-    loss = torch.tensor(1.5, device="cuda")
+    loss, nan = torch.tensor(1.5, device="cuda"), torch.tensor(float("nan"), device="cuda")
     opt.step(loss)  # builds state and tables (allowed to copy host data once)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             opt.step(loss)
-            opt.step(torch.tensor(float("nan"), device="cuda"))
+            opt.step(nan)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt.skipped_steps == 3
