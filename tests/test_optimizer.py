@@ -424,3 +424,26 @@ def test_available_backends_on_this_machine():
         assert "triton" in names
     for name, reason in adaml_kernels.unavailable_backends().items():
         assert name not in names and reason
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_inside_a_compiled_training_step(backend, device):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4, device=device), torch.randn(8, 1, device=device)
+    models = [torch.nn.Linear(4, 1).to(device) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [AdamL(m.parameters(), lr=0.05, backend=backend) for m in models]
+
+    def train_step(model, opt):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss)
+        opt.zero_grad()
+        return loss
+
+    compiled = torch.compile(train_step, backend="eager")
+    for _ in range(3):
+        train_step(models[0], opts[0])
+        compiled(models[1], opts[1])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
