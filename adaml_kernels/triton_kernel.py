@@ -29,7 +29,9 @@ from .functional import L_MIN, Hyperparams
 _TRITON_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 # Weight-decay modes: they change which arrays feed the update, so they are constexpr.
-NO_DECAY, L2_DECAY, DECOUPLED_DECAY = 0, 1, 2
+NO_DECAY = tl.constexpr(0)
+L2_DECAY = tl.constexpr(1)
+DECOUPLED_DECAY = tl.constexpr(2)
 
 
 @triton.jit
@@ -61,9 +63,9 @@ def _update_chunk(
         g = -g
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)
-    if DECAY_MODE == 1:
+    if DECAY_MODE == L2_DECAY:
         g = g + weight_decay * p
-    if DECAY_MODE == 2:
+    if DECAY_MODE == DECOUPLED_DECAY:
         p = p * decay
     m = beta1 * m + one_minus_beta1 * g
     w = beta2 * w + coef_g2 * (g * g) + coef_eps
@@ -227,9 +229,9 @@ def triton_step_(
     if normalize_loss and not initial_losses:
         raise ValueError("normalize_loss=True needs initial_losses")
     if weight_decay == 0:
-        decay_mode = NO_DECAY
+        decay_mode = NO_DECAY.value
     else:
-        decay_mode = DECOUPLED_DECAY if decoupled_weight_decay else L2_DECAY
+        decay_mode = (DECOUPLED_DECAY if decoupled_weight_decay else L2_DECAY).value
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         adaml_kernel[(num_chunks,)](
