@@ -76,15 +76,28 @@ class Bucket:
         self.dtype = self.params[0].dtype
         self.flat_steps = _as_one_buffer(self.steps)
         self._table: PointerTable | None = None
-        self._key = self.storage_key(self.params, self.grads)
 
     @staticmethod
     def storage_key(params, grads) -> list[int]:
         """Addresses that must not change for the cached table to stay valid."""
         return [p.data_ptr() for p in params] + [g.data_ptr() for g in grads]
 
-    def matches(self, params, grads) -> bool:
-        return len(params) == len(self.params) and self.storage_key(params, grads) == self._key
+    def replace_grads(self, grads) -> None:
+        """New gradient tensors for the same parameters: only the table's grad column changes.
+
+        (Gradients set to None and recomputed usually land at new addresses on the CPU.)
+        """
+        self.grads = list(grads)
+        if self._table is not None:
+            rows_host = self._table.rows_host.clone()
+            rows_host[:, 1] = torch.tensor([g.data_ptr() for g in self.grads], dtype=torch.int64)
+            self._table = PointerTable(
+                rows=rows_host.to(self.device),
+                rows_host=rows_host,
+                chunk_tensor=self._table.chunk_tensor,
+                num_chunks=self._table.num_chunks,
+                aligned=rows_aligned(rows_host),
+            )
 
     def advance_steps(self, take: torch.Tensor) -> None:
         """step += take (take is 1.0 for a step taken, 0.0 for a skipped one), on the device."""
@@ -141,11 +154,9 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses) -> 
     rows = []
     chunk_counts = []
     first_chunk = 0
-    aligned = True
     for i, p in enumerate(params):
         addresses = [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                      exp_avg_sqs[i].data_ptr()]
-        aligned = aligned and all(a % VECTOR_BYTES == 0 for a in addresses)
         initial_loss = initial_losses[i].data_ptr() if initial_losses else 0
         n = p.numel()
         chunks = max(1, -(-n // CHUNK))
@@ -162,8 +173,13 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses) -> 
         rows_host=rows_t,
         chunk_tensor=chunk_tensor.to(device),
         num_chunks=first_chunk,
-        aligned=aligned,
+        aligned=rows_aligned(rows_t),
     )
+
+
+def rows_aligned(rows_host: torch.Tensor) -> bool:
+    """Whether every param, grad and moment address in the table is VECTOR_BYTES-aligned."""
+    return bool((rows_host[:, :4] % VECTOR_BYTES == 0).all())
 
 
 def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps,

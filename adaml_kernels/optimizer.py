@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
@@ -41,8 +42,10 @@ class _FlatState:
 class _GroupPlan:
     """What one param group's step launches, valid while `key` (storage addresses) holds."""
 
+    params: list[torch.Tensor]  # the parameters that have a gradient, in group order
     key: list[int]
-    buckets: list[tuple[Bucket, str]]
+    buckets: list[tuple[Bucket, str]]  # with the backend that runs each
+    members: list[list[int]]  # per bucket, its parameters' indices in `params`
 
 
 class AdamL(torch.optim.Optimizer):
@@ -207,14 +210,18 @@ class AdamL(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
 
         # Check everything before anything changes: a step that cannot be taken changes nothing.
-        to_rebuild = [gi for gi in range(len(self.param_groups)) if not self._plan_is_current(gi)]
-        for gi in to_rebuild:
-            self._validate_group_tensors(gi)
+        changes = {gi: self._plan_change(gi) for gi in range(len(self.param_groups))}
+        for gi, change in changes.items():
+            if change is not None:
+                self._validate_group_tensors(gi, grads_only=change == "grads")
         if not isinstance(loss, torch.Tensor) and not math.isfinite(loss):
             self._count_skip(None)  # a skipped step changes no parameter or state
             return loss
-        for gi in to_rebuild:
-            self._rebuild_plan(gi)
+        for gi, change in changes.items():
+            if change == "grads":
+                self._replace_grads(gi)
+            elif change == "all":
+                self._rebuild_plan(gi)
 
         loss_t = self._loss_tensor(loss)
         take = decide_take(loss_t, found_inf)
@@ -263,24 +270,33 @@ class AdamL(torch.optim.Optimizer):
         params = [p for p in self.param_groups[gi]["params"] if p.grad is not None]
         return params, [p.grad for p in params]
 
-    def _plan_is_current(self, gi: int) -> bool:
+    def _plan_change(self, gi: int) -> str | None:
+        """None if the group's plan still holds, "grads" if only gradients moved, else "all"."""
         plan = self._plans[gi]
         if plan is None:
-            return False
+            return "all"
         params, grads = self._active(gi)
+        if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
+            return "all"
         try:
-            return Bucket.storage_key(params, grads) == plan.key
+            key = Bucket.storage_key(params, grads)
         except RuntimeError:  # e.g. a sparse gradient has no data pointer: revalidate
-            return False
+            return "all"
+        if key == plan.key:
+            return None
+        return "grads" if key[: len(params)] == plan.key[: len(params)] else "all"
 
-    def _validate_group_tensors(self, gi: int) -> None:
+    def _validate_group_tensors(self, gi: int, grads_only: bool) -> None:
         params, grads = self._active(gi)
         for p, g in zip(params, grads):
-            check_param(p)
+            if not grads_only:
+                check_param(p)
             check_grad(p, g)
             name = backends.select(self.backend, p.device, p.dtype)
             if backends.is_fused(name):
                 check_kernel_layout(p, [g], name)
+            if grads_only:
+                continue
             st = self.state.get(p)
             if st and "exp_avg" in st:
                 for key in ("exp_avg", "exp_avg_sq"):
@@ -296,7 +312,7 @@ class AdamL(torch.optim.Optimizer):
         by_bucket: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_bucket.setdefault((p.device, p.dtype), []).append(i)
-        buckets = []
+        buckets, members = [], []
         for (device, dtype), idx in by_bucket.items():
             flat = self._flat_state(gi, device, dtype, [params[i] for i in idx])
             position = {id(p): j for j, p in enumerate(flat.params)}
@@ -310,7 +326,15 @@ class AdamL(torch.optim.Optimizer):
                 [flat.initial_losses[position[id(params[i])]] for i in idx],
             )
             buckets.append((bucket, backends.select(self.backend, device, dtype)))
-        self._plans[gi] = _GroupPlan(Bucket.storage_key(params, grads), buckets)
+            members.append(idx)
+        self._plans[gi] = _GroupPlan(params, Bucket.storage_key(params, grads), buckets, members)
+
+    def _replace_grads(self, gi: int) -> None:
+        plan = self._plans[gi]
+        params, grads = self._active(gi)
+        for (bucket, _), idx in zip(plan.buckets, plan.members):
+            bucket.replace_grads([grads[i] for i in idx])
+        plan.key = Bucket.storage_key(params, grads)
 
     def _flat_state(self, gi, device, dtype, active: list[torch.Tensor]) -> _FlatState:
         """The flat state of (group, device, dtype), repacked if `active` brings new members."""

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buckets import CHUNK, TABLE_COLUMNS, VECTOR_BYTES, Bucket, build_table, table_matches
+from .buckets import CHUNK, TABLE_COLUMNS, Bucket, build_table, rows_aligned, table_matches
 from .functional import L_MIN, Hyperparams
 
 _TRITON_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -218,7 +218,7 @@ def triton_step_(
     if not params:
         return
     if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses):
-        num_chunks, aligned = chunk_tensor.numel(), _aligned(rows_host)
+        num_chunks, aligned = chunk_tensor.numel(), rows_aligned(rows_host)
     else:  # copies of the tensors (torch.compile): point a fresh table at them
         table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses)
         rows, chunk_tensor, num_chunks, aligned = (
@@ -261,10 +261,6 @@ def triton_step_(
 @triton_step_.register_fake
 def _(*args) -> None:
     return None
-
-
-def _aligned(rows_host: torch.Tensor) -> bool:
-    return bool((rows_host[:, :4] % VECTOR_BYTES == 0).all())
 
 
 def step(bucket: Bucket, hp: Hyperparams, loss, take, grad_scale) -> None:
