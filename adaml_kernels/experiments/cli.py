@@ -1,0 +1,142 @@
+"""adaml-experiments: run the paper-reproduction experiments, or all of them into docs/results.md.
+
+    adaml-experiments functions [--quick] [--seeds N] [--json PATH] [--plot PATH] [--no-sweep]
+    adaml-experiments digits    ...   (same options)
+    adaml-experiments lstm      ...   (--no-sweep is accepted and changes nothing)
+    adaml-experiments wgan      ...
+    adaml-experiments report [--quick] [--seeds N] [--docs DIR] [--json-dir DIR]
+
+--plot PATH writes PATH and, where there is a gamma x phi sweep, PATH_sweep.png beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from . import digits, functions, lstm, wgan
+from .common import adaml_backend
+
+EXPERIMENTS = {"functions": functions, "digits": digits, "lstm": lstm, "wgan": wgan}
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "adaml_backend": adaml_backend("cpu", torch.float32),
+        "adaml_backend_float64": adaml_backend("cpu", torch.float64),
+    }
+
+
+def run_experiment(name: str, quick: bool, seeds: int, sweep: bool = True) -> dict:
+    start = time.perf_counter()
+    result = EXPERIMENTS[name].run(quick=quick, seeds=seeds, sweep=sweep)
+    result["meta"] = {"experiment": name, "quick": quick, "seconds": time.perf_counter() - start,
+                      "machine": machine()}
+    return result
+
+
+def write_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_clean(result), f, indent=1)
+
+
+def _clean(x):
+    """JSON has no inf or nan: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def summary(name: str, result: dict) -> str:
+    """A few lines for the terminal."""
+    lines = [f"{name}: {result['meta']['seconds']:.1f} s, AdamL backend "
+             f"{result['meta']['machine']['adaml_backend']}"]
+    if name == "functions":
+        for prob, res in result["problems"].items():
+            for opt, best in res["best"].items():
+                hit = best["iters_to_tol"]
+                lines.append(f"  {prob:10s} {opt:10s} lr={best['lr']:<6g} "
+                             + (f"{hit} iterations" if hit is not None else
+                                f"not reached, best gap {best['best_gap']:.2e}")
+                             + f" ({best['minimum']} minimum)")
+    else:
+        key = {"digits": "final_acc_mean_std", "lstm": "final_ppl_mean_std",
+               "wgan": "final_mmd_mean_std"}[name]
+        for opt, r in result["runs"].items():
+            m, s = r[key]
+            lines.append(f"  {opt:16s} {key.split('_mean')[0]} {m:.4g} ± {s:.2g}")
+        lines.append(f"  AdamL vs: {result['verdicts']}")
+        if "eps_ablation" in result:
+            abl = result["eps_ablation"]
+            for opt, r in abl["runs"].items():
+                m, s = r[key]
+                lines.append(f"  {opt:16s} eps={abl['eps']:g}: {m:.4g} ± {s:.2g}")
+            lines.append(f"  AdamL vs (eps={abl['eps']:g}): {abl['verdicts']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaml-experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in EXPERIMENTS.items():
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        _common_options(p)
+        p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+        p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
+        p.add_argument("--no-sweep", action="store_true", help="skip the gamma x phi sweep")
+    p = sub.add_parser("report", help="run every experiment and write DIR/results.md")
+    _common_options(p)
+    p.add_argument("--docs", default="docs", metavar="DIR", help="results.md and PNGs (docs)")
+    p.add_argument("--json-dir", default="out/experiments", metavar="DIR",
+                   help="the JSON results (out/experiments)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)  # the models are tiny: more threads only add overhead
+    seeds = args.seeds if args.seeds is not None else (2 if args.quick else 3)
+    if seeds < 1:
+        parser.error("--seeds must be >= 1")
+
+    if args.command == "report":
+        from . import report
+
+        command = "adaml-experiments " + " ".join(sys.argv[1:] if argv is None else argv)
+        report.build(args.docs, args.json_dir, quick=args.quick, seeds=seeds, command=command)
+        return 0
+
+    result = run_experiment(args.command, args.quick, seeds, sweep=not args.no_sweep)
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        for path in EXPERIMENTS[args.command].plot(result, args.plot):
+            print(f"wrote {path}")
+    print(summary(args.command, result))
+    return 0
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a few seconds: a smoke test")
+    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 2 with --quick)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
