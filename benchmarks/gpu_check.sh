@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU check, in one command on a fresh GPU machine (torch, triton and nvcc preinstalled, no
+# network, nothing downloaded):
+#
+#     benchmarks/gpu_check.sh OUTDIR
+#
+# 1. builds adaml_kernels._C in place (CPU and CUDA kernels; `setup.py build_ext --inplace`, no pip);
+# 2. runs the GPU-relevant tests on the GPU: CUDA and Triton parity, the CUDA kernel's own tests,
+#    no host synchronisation, CUDA-graph capture (Triton compiles for the GPU: TRITON_INTERPRET
+#    is unset);
+# 3. writes one log per step to OUTDIR (plus pytest's junit XML and summary.txt);
+# 4. prints a short summary last.
+#
+# Every step runs under its own time limit and the script always reaches the summary; it exits
+# non-zero if any step failed. Expected: about 3 minutes on an H200 machine (build ~1.5, tests
+# ~1.5); the step limits cap it below 10 minutes.
+# To add a step (e.g. a benchmark), add a `run_step NAME LIMIT_S COMMAND...` line at the end of
+# the steps section, before the summary.
+#
+# Environment: PYTHON (default python), MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST
+# (default: the GPU's own arch plus setup.py's default list), ADAML_GPU_TESTS (test files).
+set -u -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+REPO=$(pwd)
+
+PY=${PYTHON:-python}
+unset TRITON_INTERPRET
+export PYTHONDONTWRITEBYTECODE=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py}
+
+STEP_NAMES=()
+STEP_RESULTS=()
+FAILED=0
+
+# run_step NAME LIMIT_S COMMAND... : run COMMAND with stdout+stderr in $OUT/NAME.log.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    local log="$OUT/$name.log" start end rc result
+    echo "==> $name"
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    end=$(date +%s)
+    if [ $rc -eq 0 ]; then
+        result="ok"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        result="TIMEOUT after ${limit}s"
+        FAILED=1
+    else
+        result="FAILED (exit $rc)"
+        FAILED=1
+    fi
+    echo "    $result in $((end - start))s, log: $log"
+    STEP_NAMES+=("$name")
+    STEP_RESULTS+=("$result, $((end - start))s")
+    return $rc
+}
+
+# --------------------------------------------------------------------------------- steps
+run_step environment 30 bash -c "
+    nvidia-smi; echo
+    $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(\"gpu\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'
+    command -v nvcc && nvcc --version; echo CUDA_HOME=\${CUDA_HOME:-unset}; nproc"
+
+# The default arch list (sm_80, sm_90 + PTX) covers A100/H100/H200; add the GPU's own arch so a
+# newer GPU runs native code too.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    GPU_ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))' 2>/dev/null)
+    case "$GPU_ARCH" in
+        8.0 | 9.0 | "") ;;
+        *) export TORCH_CUDA_ARCH_LIST="8.0;9.0;${GPU_ARCH}+PTX" ;;
+    esac
+fi
+run_step build 240 "$PY" setup.py build_ext --inplace
+
+run_step extension 30 "$PY" -c "
+import adaml_kernels, torch
+from adaml_kernels import _extension
+print('load_error:', _extension.load_error)
+print('has_cuda_kernels:', _extension.has_cuda_kernels(), 'cpu ISA:', _extension.cpu_capability())
+print('cuda backends:', adaml_kernels.available_backends('cuda'))
+print('unavailable:', adaml_kernels.unavailable_backends('cuda'))
+assert _extension.has_cuda_kernels() and 'cuda' in adaml_kernels.available_backends('cuda')
+assert 'triton' in adaml_kernels.available_backends('cuda')
+"
+
+# shellcheck disable=SC2086  # TESTS is a list of paths
+run_step tests 240 "$PY" -m pytest $TESTS -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml"
+
+# --------------------------------------------------------------------------------- summary
+{
+    echo "gpu_check summary ($REPO)"
+    if [ -f "$OUT/environment.log" ]; then
+        grep -E '^(torch|gpu) ' "$OUT/environment.log" | sed 's/^/  /'
+    fi
+    for i in "${!STEP_NAMES[@]}"; do
+        printf '  %-12s %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}"
+    done
+    if [ -f "$OUT/tests.log" ]; then
+        echo "  pytest: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+        grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -n 20 | sed 's/^/    /'
+    fi
+    if [ "$FAILED" -eq 0 ]; then echo "  RESULT: all steps passed"; else echo "  RESULT: FAILURES"; fi
+} | tee "$OUT/summary.txt"
+exit "$FAILED"

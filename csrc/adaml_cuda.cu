@@ -1,0 +1,225 @@
+// The CUDA kernel of adaml_kernels::fused_step_: one launch per bucket, one block per chunk of
+// the bucket's pointer table (the same table the Triton kernel reads).
+//
+// The loss, the step counts, the learning-rate tensor, the grad scale and the take/skip flag are
+// read from device memory, so a step needs no host synchronisation and can be captured in a
+// CUDA graph. Offsets are 64-bit. Full chunks of tables whose addresses are all 16-byte aligned
+// are moved with 16-byte vector accesses.
+//
+// c10 headers only: ATen/cuda/CUDAContext.h would also need the cuBLAS/cuSPARSE headers, which a
+// minimal toolkit lacks.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "adaml_update.h"
+
+namespace adaml {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = static_cast<int>(kChunk) / kThreads;  // a thread's contiguous elements
+static_assert(kPerThread == 8, "a thread moves 8 elements: 16 bytes of 2-byte params");
+
+struct LaunchArgs {
+  const int64_t* rows;
+  const int32_t* chunk_tensor;
+  int64_t num_chunks;
+  const float* take;
+  const void* loss;
+  const void* lr_tensor;   // nullptr: hyper.lr
+  const void* grad_scale;  // nullptr: no grad scale
+  int loss_type, lr_type, grad_scale_type;
+  bool aligned;
+  Hyper hyper;
+};
+
+template <typename T> struct alignas(16) Pack {
+  T v[kPerThread];
+};
+
+// The table holds plain integers, so the compiler cannot tell that they point to global memory;
+// these accesses say so (ld/st.global). Grads are read-only here: the read-only path suits them.
+template <typename T, bool kReadOnly = false>
+__device__ __forceinline__ Pack<T> load_pack(const T* ptr) {
+  Pack<T> out;
+  const uint4* src = reinterpret_cast<const uint4*>(ptr);
+  uint4* dst = reinterpret_cast<uint4*>(&out);
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(Pack<T>) / 16); ++k) {
+    dst[k] = kReadOnly ? __ldg(src + k) : __ldcg(src + k);
+  }
+  return out;
+}
+
+template <typename T> __device__ __forceinline__ void store_pack(T* ptr, const Pack<T>& in) {
+  uint4* dst = reinterpret_cast<uint4*>(ptr);
+  const uint4* src = reinterpret_cast<const uint4*>(&in);
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(Pack<T>) / 16); ++k) __stcg(dst + k, src[k]);
+}
+
+// The step's scalars for the tensor of `row`, in double; run by one thread per block. Not
+// inlined: one copy serves every instantiation of the kernel, which keeps compiling short.
+__device__ __noinline__ StepScalars<float> tensor_scalars(const LaunchArgs& a, const int64_t* row,
+                                                          int64_t start) {
+  const double loss = load_scalar(a.loss, a.loss_type);
+  double f1 = 0.0;
+  if (a.hyper.normalize_loss) {
+    float* f1_ptr = reinterpret_cast<float*>(row[kInitialLossAddr]);
+    const double stored = *f1_ptr;
+    f1 = resolve_initial_loss<float>(stored, loss);
+    // Only the tensor's first chunk records f_1. Blocks that read it meanwhile see NaN or the
+    // value stored here, and resolve_initial_loss maps both to the same f_1.
+    if (start == 0 && stored != stored) *f1_ptr = static_cast<float>(f1);
+  }
+  const double lr = a.lr_tensor ? load_scalar(a.lr_tensor, a.lr_type) : a.hyper.lr;
+  const double scale = a.grad_scale ? load_scalar(a.grad_scale, a.grad_scale_type) : 1.0;
+  const double k = *reinterpret_cast<const float*>(row[kStepAddr]);
+  return step_scalars<float>(a.hyper, loss, f1, k, lr, scale);
+}
+
+template <int PT, int kDecay, bool kMax, bool kGS>
+__global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
+  using S = typename Param<PT>::storage;
+  // A skipped step is a step over nothing: no block reads or writes anything else.
+  if (*a.take == 0.0f) return;
+  const int64_t chunk = blockIdx.x;
+  const int64_t* row = a.rows + static_cast<int64_t>(a.chunk_tensor[chunk]) * kColumns;
+  const int64_t numel = row[kNumel];
+  const int64_t start = (chunk - row[kFirstChunk]) * kChunk;
+
+  __shared__ StepScalars<float> shared;
+  if (threadIdx.x == 0) shared = tensor_scalars(a, row, start);
+  __syncthreads();
+  const StepScalars<float> s = shared;
+
+  S* p = reinterpret_cast<S*>(row[kParamAddr]);
+  const S* g = reinterpret_cast<const S*>(row[kGradAddr]);
+  float* m = reinterpret_cast<float*>(row[kExpAvgAddr]);
+  float* w = reinterpret_cast<float*>(row[kExpAvgSqAddr]);
+  const int64_t end = start + kChunk < numel ? start + kChunk : numel;
+  if (a.aligned && end - start == kChunk) {
+    const int64_t i = start + static_cast<int64_t>(threadIdx.x) * kPerThread;
+    Pack<S> pv = load_pack(p + i);
+    const Pack<S> gv = load_pack<S, true>(g + i);
+    Pack<float> mv = load_pack(m + i);
+    Pack<float> wv = load_pack(w + i);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      float pj = Param<PT>::load(pv.v[j]);
+      update_element<float, kDecay, kMax, kGS>(pj, Param<PT>::load(gv.v[j]), mv.v[j], wv.v[j], s);
+      pv.v[j] = Param<PT>::store(pj);
+    }
+    store_pack(p + i, pv);
+    store_pack(m + i, mv);
+    store_pack(w + i, wv);
+  } else {
+    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
+      float pi = Param<PT>::load(p[i]);
+      float mi = m[i];
+      float wi = w[i];
+      update_element<float, kDecay, kMax, kGS>(pi, Param<PT>::load(g[i]), mi, wi, s);
+      p[i] = Param<PT>::store(pi);
+      m[i] = mi;
+      w[i] = wi;
+    }
+  }
+}
+
+template <int PT, int kDecay, bool kMax, bool kGS>
+void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream) {
+  adaml_kernel<PT, kDecay, kMax, kGS><<<blocks, kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int PT, int kDecay>
+void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream, bool maximize,
+            bool has_grad_scale) {
+  if (maximize) {
+    has_grad_scale ? launch<PT, kDecay, true, true>(a, blocks, stream)
+                   : launch<PT, kDecay, true, false>(a, blocks, stream);
+  } else {
+    has_grad_scale ? launch<PT, kDecay, false, true>(a, blocks, stream)
+                   : launch<PT, kDecay, false, false>(a, blocks, stream);
+  }
+}
+
+template <int PT>
+void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream, int decay_mode,
+            bool maximize, bool has_grad_scale) {
+  switch (decay_mode) {
+    case kL2Decay: launch<PT, kL2Decay>(a, blocks, stream, maximize, has_grad_scale); break;
+    case kDecoupledDecay:
+      launch<PT, kDecoupledDecay>(a, blocks, stream, maximize, has_grad_scale);
+      break;
+    default: launch<PT, kNoDecay>(a, blocks, stream, maximize, has_grad_scale); break;
+  }
+}
+
+void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList steps,
+                     at::TensorList initial_losses, const at::Tensor& rows,
+                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                     const at::Tensor& loss, const at::Tensor& take,
+                     const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& grad_scale, double lr, double beta1,
+                     double beta2, double eps, double gamma, double phi, double loss_offset,
+                     double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
+                     bool maximize) {
+  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses,
+                                    rows, rows_host, chunk_tensor, loss, take, lr_tensor,
+                                    grad_scale, normalize_loss, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const bool capturing =
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  const KernelTable table =
+      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses, rows, rows_host,
+                    chunk_tensor, /*allow_rebuild=*/!capturing);
+  const int64_t blocks = table.num_chunks;  // an empty tensor has one, to record f_1
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "adaml_kernels::fused_step_: a bucket of ", table.num_chunks,
+              " chunks exceeds one launch's grid");
+
+  LaunchArgs a;
+  a.rows = table.rows.const_data_ptr<int64_t>();
+  a.chunk_tensor = table.chunk_tensor.const_data_ptr<int32_t>();
+  a.num_chunks = table.num_chunks;
+  a.take = take.const_data_ptr<float>();
+  a.loss = loss.const_data_ptr();
+  a.loss_type = scalar_type_code(loss);
+  a.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
+  a.lr_type = lr_tensor ? scalar_type_code(*lr_tensor) : kFloat32;
+  a.grad_scale = grad_scale ? grad_scale->const_data_ptr() : nullptr;
+  a.grad_scale_type = grad_scale ? scalar_type_code(*grad_scale) : kFloat32;
+  a.aligned = table.aligned;
+  a.hyper = make_hyper(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay,
+                       normalize_loss);
+  const int decay_mode =
+      weight_decay == 0.0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned grid = static_cast<unsigned>(blocks);
+  const bool has_scale = grad_scale.has_value();
+  switch (ptype) {
+    case kFloat16:
+      launch<kFloat16>(a, grid, stream, decay_mode, maximize, has_scale);
+      break;
+    case kBFloat16:
+      launch<kBFloat16>(a, grid, stream, decay_mode, maximize, has_scale);
+      break;
+    default:
+      launch<kFloat32>(a, grid, stream, decay_mode, maximize, has_scale);
+      break;
+  }
+}
+
+}  // namespace
+}  // namespace adaml
+
+TORCH_LIBRARY_IMPL(adaml_kernels, CUDA, m) { m.impl("fused_step_", &adaml::fused_step_cuda); }

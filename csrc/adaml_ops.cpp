@@ -1,0 +1,467 @@
+// adaml_kernels._C: the op schema, the host-side checks shared with the CUDA launcher, and the
+// CPU kernel (one call per bucket, OpenMP across cores, SIMD in the inner loop).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "adaml_update.h"
+
+// Importing adaml_kernels._C loads this library, whose static initializers register the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace adaml {
+
+// ============================================================================ host helpers
+
+int scalar_type_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: TORCH_CHECK(false, "adaml_kernels: unsupported dtype ", t.scalar_type());
+  }
+}
+
+Hyper make_hyper(double lr, double beta1, double beta2, double eps, double gamma, double phi,
+                 double loss_offset, double weight_decay, bool normalize_loss) {
+  return Hyper{lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay, normalize_loss};
+}
+
+namespace {
+
+constexpr const char* kOp = "adaml_kernels::fused_step_: ";
+
+int64_t address(const at::Tensor& t) {
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
+}
+
+// At least one chunk per tensor, as in buckets.py: an empty tensor still records f_1.
+int64_t chunks_of(int64_t numel) { return std::max<int64_t>(1, (numel + kChunk - 1) / kChunk); }
+
+// The kernels walk each tensor as one flat array from its data pointer: every tensor must be
+// dense, and element i in memory must belong to the same logical element in all four.
+void check_like_param(const at::Tensor& t, const at::Tensor& p, const char* name, size_t i) {
+  TORCH_CHECK(t.sizes() == p.sizes(), kOp, name, "[", i, "] has shape ", t.sizes(),
+              ", its param ", p.sizes());
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), kOp, name, "[", i,
+              "] must be dense (no gaps, no overlap)");
+  for (int64_t d = 0; d < p.dim(); ++d) {
+    TORCH_CHECK(p.size(d) == 1 || t.stride(d) == p.stride(d), kOp, name, "[", i, "] has strides ",
+                t.strides(), ", its param ", p.strides(), "; they must be laid out alike");
+  }
+}
+
+void check_zero_dim(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.numel() == 1, kOp, name, " must have one element, got shape ", t.sizes());
+  TORCH_CHECK(t.device() == device, kOp, name, " is on ", t.device(), ", the params on ", device);
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              kOp, name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+}  // namespace
+
+int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList steps,
+                    at::TensorList initial_losses, const at::Tensor& rows,
+                    const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                    const at::Tensor& loss, const at::Tensor& take,
+                    const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale, bool normalize_loss,
+                    c10::DeviceType device_type) {
+  const size_t n = params.size();
+  const std::pair<at::TensorList, const char*> lists[] = {
+      {grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}, {steps, "steps"}};
+  for (const auto& [list, name] : lists) {
+    TORCH_CHECK(list.size() == n, kOp, name, " has ", list.size(), " tensors, params has ", n);
+  }
+  TORCH_CHECK(initial_losses.size() == n || (initial_losses.empty() && !normalize_loss), kOp,
+              "initial_losses has ", initial_losses.size(), " tensors, params has ", n,
+              normalize_loss ? " (normalize_loss=True needs one per param)" : "");
+
+  const at::Device device = n > 0 ? params[0].device() : take.device();
+  TORCH_CHECK(device.type() == device_type, kOp, "this is the ", device_type,
+              " kernel, but the tensors are on ", device);
+  check_zero_dim(loss, "loss", device);
+  check_zero_dim(take, "take", device);
+  TORCH_CHECK(take.scalar_type() == at::kFloat, kOp, "take must be float32");
+  if (lr_tensor.has_value()) check_zero_dim(*lr_tensor, "lr_tensor", device);
+  if (grad_scale.has_value()) check_zero_dim(*grad_scale, "grad_scale", device);
+
+  const int64_t rows_n = static_cast<int64_t>(n);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == rows_n &&
+                  rows.size(1) == kColumns && rows.is_contiguous(),
+              kOp, "rows must be a contiguous int64 tensor of shape [", n, ", ", kColumns, "]");
+  TORCH_CHECK(rows.device() == device, kOp, "rows is on ", rows.device(), ", the params on ",
+              device);
+  TORCH_CHECK(rows_host.scalar_type() == at::kLong && rows_host.sizes() == rows.sizes() &&
+                  rows_host.is_contiguous() && rows_host.device().is_cpu(),
+              kOp, "rows_host must be a contiguous int64 CPU tensor of shape [", n, ", ",
+              kColumns, "]");
+  TORCH_CHECK(chunk_tensor.scalar_type() == at::kInt && chunk_tensor.dim() == 1 &&
+                  chunk_tensor.is_contiguous() && chunk_tensor.device() == device,
+              kOp, "chunk_tensor must be a contiguous 1-d int32 tensor on ", device);
+  if (n == 0) return kFloat32;
+
+  const at::ScalarType dtype = params[0].scalar_type();
+  const bool supported = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                         (dtype == at::kDouble && device_type == c10::DeviceType::CPU);
+  TORCH_CHECK(supported, kOp, "the ", device_type, " kernel does not support ", dtype,
+              " params (it supports float32, float16, bfloat16",
+              device_type == c10::DeviceType::CPU ? ", float64)" : ")");
+  const at::ScalarType moment = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.scalar_type() == dtype && p.device() == device, kOp, "params[", i, "] is ",
+                p.scalar_type(), " on ", p.device(), "; a bucket holds ", dtype, " on ", device);
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), kOp, "params[", i, "] must be dense");
+    const std::tuple<const at::Tensor&, const char*, at::ScalarType> like[] = {
+        {grads[i], "grads", dtype}, {exp_avgs[i], "exp_avgs", moment},
+        {exp_avg_sqs[i], "exp_avg_sqs", moment}};
+    for (const auto& [t, name, want] : like) {
+      TORCH_CHECK(t.scalar_type() == want && t.device() == device, kOp, name, "[", i,
+                  "] must be ", want, " on ", device, ", got ", t.scalar_type(), " on ",
+                  t.device());
+      check_like_param(t, p, name, i);
+    }
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
+                    steps[i].device() == device,
+                kOp, "steps[", i, "] must be a one-element float32 tensor on ", device);
+    if (!initial_losses.empty()) {
+      const at::Tensor& f1 = initial_losses[i];
+      TORCH_CHECK(f1.numel() == 1 && f1.scalar_type() == moment && f1.device() == device, kOp,
+                  "initial_losses[", i, "] must be a one-element ", moment, " tensor on ",
+                  device);
+    }
+  }
+  return scalar_type_code(params[0]);
+}
+
+KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList steps,
+                          at::TensorList initial_losses, const at::Tensor& rows,
+                          const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                          bool allow_rebuild) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<int64_t> expected(n * kColumns);
+  int64_t num_chunks = 0;
+  bool aligned = true;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t* row = expected.data() + i * kColumns;
+    row[kParamAddr] = address(params[i]);
+    row[kGradAddr] = address(grads[i]);
+    row[kExpAvgAddr] = address(exp_avgs[i]);
+    row[kExpAvgSqAddr] = address(exp_avg_sqs[i]);
+    row[kStepAddr] = address(steps[i]);
+    row[kInitialLossAddr] = initial_losses.empty() ? 0 : address(initial_losses[i]);
+    row[kNumel] = params[i].numel();
+    row[kFirstChunk] = num_chunks;
+    num_chunks += chunks_of(row[kNumel]);
+    for (int c = kParamAddr; c <= kExpAvgSqAddr; ++c) {
+      aligned = aligned && row[c] % kVectorBytes == 0;
+    }
+  }
+
+  KernelTable table;
+  table.num_chunks = num_chunks;
+  table.aligned = aligned;
+  const bool matches =
+      chunk_tensor.numel() == num_chunks &&
+      std::equal(expected.begin(), expected.end(), rows_host.const_data_ptr<int64_t>());
+  if (matches) {
+    table.rows = rows;
+    table.chunk_tensor = chunk_tensor;
+    return table;
+  }
+  TORCH_CHECK(allow_rebuild, kOp,
+              "the pointer table does not point at the tensors passed, and a new one cannot be "
+              "copied to the device while a CUDA graph is being captured; capture a step whose "
+              "tensors match their bucket's table");
+  // Copies of the tensors (torch.compile): never write through the stale addresses.
+  const at::Device device = params[0].device();
+  const auto host = at::TensorOptions().pinned_memory(device.is_cuda());
+  at::Tensor rows_new = at::empty({n, kColumns}, host.dtype(at::kLong));
+  std::copy(expected.begin(), expected.end(), rows_new.data_ptr<int64_t>());
+  at::Tensor chunks_new = at::empty({num_chunks}, host.dtype(at::kInt));
+  int32_t* chunk_out = chunks_new.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t first = expected[i * kColumns + kFirstChunk];
+    std::fill(chunk_out + first, chunk_out + first + chunks_of(params[i].numel()),
+              static_cast<int32_t>(i));
+  }
+  // Pinned memory: the copies are asynchronous and the caching host allocator keeps the
+  // buffers alive until they are done.
+  table.rows = rows_new.to(device, /*non_blocking=*/true);
+  table.chunk_tensor = chunks_new.to(device, /*non_blocking=*/true);
+  table.rebuilt = true;
+  return table;
+}
+
+// ============================================================================ CPU kernel
+namespace {
+
+// Instruction sets the CPU kernel is compiled for; the best one the processor runs is picked at
+// the first call. ADAML_CPU_CAPABILITY=default|avx2|avx512 caps it (e.g. to test the others).
+enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "default";
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ADAML_X86_VARIANTS 1
+#define ADAML_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define ADAML_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#else
+#define ADAML_X86_VARIANTS 0
+#endif
+
+Isa detect_isa() {
+#if ADAML_X86_VARIANTS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  if (avx2) return Isa::kAvx2;
+#endif
+  return Isa::kDefault;
+}
+
+Isa active_isa() {
+  static const Isa isa = [] {
+    const Isa best = detect_isa();
+    const char* env = std::getenv("ADAML_CPU_CAPABILITY");
+    if (env == nullptr || *env == '\0') return best;
+    std::string want(env);
+    std::transform(want.begin(), want.end(), want.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    Isa cap;
+    if (want == "default") cap = Isa::kDefault;
+    else if (want == "avx2") cap = Isa::kAvx2;
+    else if (want == "avx512") cap = Isa::kAvx512;
+    else TORCH_CHECK(false, "ADAML_CPU_CAPABILITY must be default, avx2 or avx512, got ", env);
+    return std::min(best, cap);
+  }();
+  return isa;
+}
+
+template <typename C> struct CpuPlan {
+  const int64_t* rows;
+  const int32_t* chunk_tensor;
+  const StepScalars<C>* scalars;  // one per tensor
+};
+
+#if defined(__GNUC__)
+#define ADAML_INLINE inline __attribute__((always_inline))
+#else
+#define ADAML_INLINE inline
+#endif
+
+template <int PT, int kDecay, bool kMax, bool kGS>
+ADAML_INLINE void update_span(typename Param<PT>::storage* __restrict p,
+                              const typename Param<PT>::storage* __restrict g,
+                              typename Param<PT>::compute* __restrict m,
+                              typename Param<PT>::compute* __restrict w, int64_t n,
+                              const StepScalars<typename Param<PT>::compute>& scalars) {
+  using C = typename Param<PT>::compute;
+  const StepScalars<C> s = scalars;  // a local copy: provably not aliased by the stores
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    C pi = Param<PT>::load(p[i]);
+    C mi = m[i];
+    C wi = w[i];
+    update_element<C, kDecay, kMax, kGS>(pi, Param<PT>::load(g[i]), mi, wi, s);
+    p[i] = Param<PT>::store(pi);
+    m[i] = mi;
+    w[i] = wi;
+  }
+}
+
+// Chunks [c0, c1) of the bucket; consecutive chunks of one tensor are done as one span.
+template <int PT, int kDecay, bool kMax, bool kGS>
+ADAML_INLINE void run_range(const CpuPlan<typename Param<PT>::compute>& plan, int64_t c0,
+                            int64_t c1) {
+  using S = typename Param<PT>::storage;
+  using C = typename Param<PT>::compute;
+  int64_t c = c0;
+  while (c < c1) {
+    const int64_t t = plan.chunk_tensor[c];
+    const int64_t* row = plan.rows + t * kColumns;
+    const int64_t first = row[kFirstChunk];
+    const int64_t numel = row[kNumel];
+    const int64_t last = std::min(c1, first + chunks_of(numel));
+    const int64_t begin = (c - first) * kChunk;
+    const int64_t end = std::min((last - first) * kChunk, numel);
+    update_span<PT, kDecay, kMax, kGS>(
+        reinterpret_cast<S*>(row[kParamAddr]) + begin,
+        reinterpret_cast<const S*>(row[kGradAddr]) + begin,
+        reinterpret_cast<C*>(row[kExpAvgAddr]) + begin,
+        reinterpret_cast<C*>(row[kExpAvgSqAddr]) + begin, end - begin, plan.scalars[t]);
+    c = last;
+  }
+}
+
+template <int PT>
+using RangeFn = void (*)(const CpuPlan<typename Param<PT>::compute>&, int64_t, int64_t);
+
+// One copy of the loop per instruction set: the compiler vectorizes each for its own ISA.
+template <int PT, int kDecay, bool kMax, bool kGS>
+void range_default(const CpuPlan<typename Param<PT>::compute>& plan, int64_t c0, int64_t c1) {
+  run_range<PT, kDecay, kMax, kGS>(plan, c0, c1);
+}
+#if ADAML_X86_VARIANTS
+template <int PT, int kDecay, bool kMax, bool kGS>
+ADAML_TARGET_AVX2 void range_avx2(const CpuPlan<typename Param<PT>::compute>& plan, int64_t c0,
+                                  int64_t c1) {
+  run_range<PT, kDecay, kMax, kGS>(plan, c0, c1);
+}
+template <int PT, int kDecay, bool kMax, bool kGS>
+ADAML_TARGET_AVX512 void range_avx512(const CpuPlan<typename Param<PT>::compute>& plan,
+                                      int64_t c0, int64_t c1) {
+  run_range<PT, kDecay, kMax, kGS>(plan, c0, c1);
+}
+#endif
+
+template <int PT, int kDecay, bool kMax, bool kGS> RangeFn<PT> range_fn(Isa isa) {
+#if ADAML_X86_VARIANTS
+  if (isa == Isa::kAvx512) return &range_avx512<PT, kDecay, kMax, kGS>;
+  if (isa == Isa::kAvx2) return &range_avx2<PT, kDecay, kMax, kGS>;
+#endif
+  (void)isa;
+  return &range_default<PT, kDecay, kMax, kGS>;
+}
+
+template <int PT, int kDecay>
+RangeFn<PT> range_fn(Isa isa, bool maximize, bool has_grad_scale) {
+  if (maximize) {
+    return has_grad_scale ? range_fn<PT, kDecay, true, true>(isa)
+                          : range_fn<PT, kDecay, true, false>(isa);
+  }
+  return has_grad_scale ? range_fn<PT, kDecay, false, true>(isa)
+                        : range_fn<PT, kDecay, false, false>(isa);
+}
+
+// Chunks per task: a task moves at least ~230 KB, which outweighs waking a thread.
+constexpr int64_t kGrainChunks = 4;
+
+template <int PT>
+void run_cpu(const KernelTable& table, int64_t num_tensors, const Hyper& h, double loss,
+             double lr, double grad_scale, int decay_mode, bool maximize, bool has_grad_scale) {
+  using C = typename Param<PT>::compute;
+  const int64_t* rows = table.rows.const_data_ptr<int64_t>();
+  // Per-tensor scalars and f_1 first, serially: every chunk then sees the same f_1.
+  std::vector<StepScalars<C>> scalars(num_tensors);
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const int64_t* row = rows + i * kColumns;
+    const double k = *reinterpret_cast<const float*>(row[kStepAddr]);
+    double f1 = 0.0;
+    if (h.normalize_loss) {
+      C* f1_ptr = reinterpret_cast<C*>(row[kInitialLossAddr]);
+      const double stored = *f1_ptr;
+      f1 = resolve_initial_loss<C>(stored, loss);
+      if (stored != stored) *f1_ptr = static_cast<C>(f1);
+    }
+    scalars[i] = step_scalars<C>(h, loss, f1, k, lr, grad_scale);
+  }
+  if (table.num_chunks == 0) return;
+
+  const Isa isa = active_isa();
+  RangeFn<PT> fn;
+  switch (decay_mode) {
+    case kL2Decay: fn = range_fn<PT, kL2Decay>(isa, maximize, has_grad_scale); break;
+    case kDecoupledDecay: fn = range_fn<PT, kDecoupledDecay>(isa, maximize, has_grad_scale); break;
+    default: fn = range_fn<PT, kNoDecay>(isa, maximize, has_grad_scale); break;
+  }
+  const CpuPlan<C> plan{rows, table.chunk_tensor.const_data_ptr<int32_t>(), scalars.data()};
+  // ATen's parallel_for is OpenMP here (the extension is built with -fopenmp) and follows
+  // torch.set_num_threads. Each element is computed alone, so the split never changes results.
+  at::parallel_for(0, table.num_chunks, kGrainChunks,
+                   [&](int64_t c0, int64_t c1) { fn(plan, c0, c1); });
+}
+
+void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList steps,
+                    at::TensorList initial_losses, const at::Tensor& rows,
+                    const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                    const at::Tensor& loss, const at::Tensor& take,
+                    const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale, double lr, double beta1,
+                    double beta2, double eps, double gamma, double phi, double loss_offset,
+                    double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
+                    bool maximize) {
+  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses,
+                                    rows, rows_host, chunk_tensor, loss, take, lr_tensor,
+                                    grad_scale, normalize_loss, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  // A skipped step reads and writes nothing else.
+  if (*take.const_data_ptr<float>() == 0.0f) return;
+  const KernelTable table =
+      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses, rows, rows_host,
+                    chunk_tensor, /*allow_rebuild=*/true);
+  const double loss_value = load_scalar(loss.const_data_ptr(), scalar_type_code(loss));
+  const double lr_value =
+      lr_tensor ? load_scalar(lr_tensor->const_data_ptr(), scalar_type_code(*lr_tensor)) : lr;
+  const double scale =
+      grad_scale ? load_scalar(grad_scale->const_data_ptr(), scalar_type_code(*grad_scale)) : 1.0;
+  const Hyper h =
+      make_hyper(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay, normalize_loss);
+  const int decay_mode =
+      weight_decay == 0.0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay);
+  const int64_t n = static_cast<int64_t>(params.size());
+  const bool has_scale = grad_scale.has_value();
+  switch (ptype) {
+    case kFloat64:
+      run_cpu<kFloat64>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      break;
+    case kFloat16:
+      run_cpu<kFloat16>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      break;
+    case kBFloat16:
+      run_cpu<kBFloat16>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      break;
+    default:
+      run_cpu<kFloat32>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      break;
+  }
+}
+
+std::string cpu_capability() { return isa_name(active_isa()); }
+
+}  // namespace
+}  // namespace adaml
+
+TORCH_LIBRARY(adaml_kernels, m) {
+  // The fake (meta) implementation is registered from Python, in this module.
+  m.set_python_module("adaml_kernels._extension");
+  // Same arguments, same order, as adaml_kernels::triton_step_ (Bucket.fused_op_args).
+  m.def(
+      "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor(d!)[] initial_losses, Tensor rows, "
+      "Tensor rows_host, Tensor chunk_tensor, Tensor loss, Tensor take, Tensor? lr_tensor, "
+      "Tensor? grad_scale, float lr, float beta1, float beta2, float eps, float gamma, "
+      "float phi, float loss_offset, float weight_decay, bool normalize_loss, "
+      "bool decoupled_weight_decay, bool maximize) -> ()");
+  // The instruction set the CPU kernel runs with: "avx512", "avx2" or "default".
+  m.def("cpu_capability() -> str", &adaml::cpu_capability);
+}
+
+TORCH_LIBRARY_IMPL(adaml_kernels, CPU, m) { m.impl("fused_step_", &adaml::fused_step_cpu); }
