@@ -25,6 +25,10 @@ from .functional import (
 
 # Each parameter's moments start on a 64-byte boundary of the flat buffer.
 _ALIGN_BYTES = 64
+# The exp_avg_sq row does not start a power of two after the exp_avg row: with a large bucket
+# the two streams would then map to the same cache sets (4K aliasing), which made the CPU step
+# 25-35% slower at 64M parameters.
+_ROW_GAP_BYTES = 4096 + 64
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "initial_loss")
 
 
@@ -33,7 +37,7 @@ class _FlatState:
     """The state of one (param group, device, dtype): moments, steps and f_1 in flat buffers."""
 
     params: list[torch.Tensor]
-    moments: torch.Tensor  # [2, N]: row 0 holds every exp_avg, row 1 every exp_avg_sq
+    moments: torch.Tensor  # [2, N] view: row 0 holds every exp_avg, row 1 every exp_avg_sq
     steps: torch.Tensor  # [T] float32
     initial_losses: torch.Tensor  # [T], moment dtype; NaN until the first step taken
 
@@ -410,7 +414,10 @@ def _pack(members: list[torch.Tensor], state) -> _FlatState:
     for p in members:
         offsets.append(total)
         total += -(-p.numel() // align) * align
-    moments = torch.zeros((2, total), dtype=mdt, device=device)
+    element = torch.empty((), dtype=mdt).element_size()
+    second_row = total + _ROW_GAP_BYTES // element
+    buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
+    moments = buffer.as_strided((2, total), (second_row, 1))
     steps = torch.zeros(len(members), dtype=torch.float32, device=device)
     initial_losses = torch.full((len(members),), math.nan, dtype=mdt, device=device)
     for i, (p, off) in enumerate(zip(members, offsets)):
@@ -420,8 +427,8 @@ def _pack(members: list[torch.Tensor], state) -> _FlatState:
         stride = p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
         views = {
             "step": steps[i],
-            "exp_avg": moments.as_strided(p.shape, stride, off),
-            "exp_avg_sq": moments.as_strided(p.shape, stride, total + off),
+            "exp_avg": buffer.as_strided(p.shape, stride, off),
+            "exp_avg_sq": buffer.as_strided(p.shape, stride, second_row + off),
             "initial_loss": initial_losses[i],
         }
         for key, view in views.items():

@@ -32,8 +32,10 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, loss, taken, grad_scale) -> N
 
     # 1. scaled loss
     if hp.normalize_loss:
-        first_loss = torch.where(torch.isnan(f1), loss, f1.to(loss.dtype))
-        f1.copy_(torch.where(taken, first_loss.to(f1.dtype), f1))
+        # f_1 is the first loss as kept in state (the moment dtype), also on the first step.
+        first_loss = torch.where(torch.isnan(f1), loss.to(f1.dtype), f1)
+        f1.copy_(torch.where(taken, first_loss, f1))
+        first_loss = first_loss.to(loss.dtype)
         scale = torch.clamp(first_loss - hp.loss_offset, min=L_MIN)
     else:
         scale = 1.0

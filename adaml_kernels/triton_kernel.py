@@ -129,10 +129,11 @@ def adaml_kernel(
     loss = tl.load(loss_ptr).to(tl.float64)
     if NORMALIZE:
         f1_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        f1 = tl.load(f1_ptr).to(tl.float64)
-        f1 = tl.where(f1 != f1, loss, f1)  # NaN: no step taken yet, this loss is f_1
+        f1 = tl.load(f1_ptr)
+        # NaN: no step taken yet, this loss is f_1 (as stored: float32, on every path).
+        f1 = tl.where(f1 != f1, loss.to(tl.float32), f1).to(tl.float64)
         # Only the tensor's first chunk records f_1. Programs that read it concurrently get
-        # either NaN or this same loss, and both give the same f_1, so the race is harmless.
+        # either NaN or the stored value, and both give the same f_1: the race is harmless.
         if take & (start == 0):
             tl.store(f1_ptr, f1.to(tl.float32))
         scale = tl.maximum(f1 - loss_offset, L_MIN)
