@@ -132,6 +132,7 @@ def _supports_dtype(name: str, dtype: torch.dtype) -> bool:
     return dtypes is None or dtype in dtypes
 
 
+@functools.cache
 def step_function(name: str):
     """step(bucket, hp, loss, take, grad_scale) of backend `name`."""
     info = INFO[name]

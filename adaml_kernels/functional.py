@@ -2,7 +2,7 @@
 
     adaml_step_(params, grads, exp_avgs, exp_avg_sqs, steps, loss, lr=1e-3, ...)
 
-The update is exactly ../SPEC.md (shipped as the README's "Update rule"). The loss is never read
+The update is exactly docs/SPEC.md (summarised in the README). The loss is never read
 on the host: whether the step is taken is decided on the device, so the call is free of device
 synchronisation and can be captured in a CUDA graph.
 """
@@ -160,14 +160,15 @@ def run_buckets(
     grad_scale: torch.Tensor | None,
 ) -> None:
     """Advance the step counts and update every bucket with its backend. Nothing is validated."""
-    on_device: dict[torch.device, tuple] = {}
+    on_device = {loss.device: (loss, take, grad_scale)}
+    if grad_scale is not None and grad_scale.device != loss.device:
+        on_device = {}
     for bucket, backend_name in buckets:
         dev = bucket.device
         if dev not in on_device:
-            on_device[dev] = (
-                loss.to(dev, non_blocking=True),
-                take.to(dev, non_blocking=True),
-                None if grad_scale is None else grad_scale.to(dev, non_blocking=True),
+            on_device[dev] = tuple(
+                None if t is None else t.to(dev, non_blocking=True)
+                for t in (loss, take, grad_scale)
             )
         loss_d, take_d, scale_d = on_device[dev]
         bucket.advance_steps(take_d)

@@ -186,13 +186,13 @@ class AdamL(torch.optim.Optimizer):
         # it is not cast to the parameter dtype (which would round bf16 moments).
         super().load_state_dict({**state_dict, "state": {}})
         self.state.update(imported)
-        self._skipped = None if skipped is None else skipped.clone()
+        self._skipped = None if skipped is None else skipped.to(torch.float64, copy=True)
         self._invalidate()
 
     @property
     def skipped_steps(self) -> int:
         """How many steps were skipped (non-finite loss or found_inf). Reading it syncs."""
-        return 0 if self._skipped is None else int(self._skipped.item())
+        return 0 if self._skipped is None else round(self._skipped.item())
 
     # ----------------------------------------------------------------------------- step
 
@@ -239,7 +239,7 @@ class AdamL(torch.optim.Optimizer):
     def _loss_tensor(self, loss) -> torch.Tensor:
         device = self._first_device()
         if isinstance(loss, torch.Tensor):
-            loss_t = loss.detach().reshape(())
+            loss_t = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
             if not loss_t.is_floating_point():
                 loss_t = loss_t.to(torch.float32)
         else:
@@ -262,11 +262,11 @@ class AdamL(torch.optim.Optimizer):
     def _count_skip(self, take: torch.Tensor | None) -> None:
         if self._skipped is None:
             device = take.device if take is not None else self._first_device()
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+            self._skipped = torch.zeros((), dtype=torch.float64, device=device)
         if take is None:
             self._skipped += 1
-        else:
-            self._skipped += (take == 0).to(self._skipped.device, non_blocking=True)
+        else:  # skipped += 1 - take, in place on the device
+            self._skipped.sub_(take.to(self._skipped.device, non_blocking=True)).add_(1)
 
     # ------------------------------------------------------------------ planning a group
 
