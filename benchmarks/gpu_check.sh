@@ -12,8 +12,9 @@
 # 4. prints a short summary last.
 #
 # Every step runs under its own time limit and the script always reaches the summary; it exits
-# non-zero if any step failed. Expected: about 3 minutes on an H200 machine (build ~1.5, tests
-# ~1.5); the step limits cap it below 10 minutes.
+# non-zero if any step failed. Expected (not yet measured): under 5 minutes on an H200 machine
+# (build ~1.5, tests ~1.5, quick benchmark ~1.5). The benchmark runs with --quick (1M, 16M, 256M,
+# GPT-2 small, 5,000 small tensors); ADAML_GPU_BENCH_ARGS= (empty) runs the full 1M-1B sweep.
 # To add a step (e.g. a benchmark), add a `run_step NAME LIMIT_S COMMAND...` line at the end of
 # the steps section, before the summary.
 #
@@ -97,6 +98,14 @@ assert 'triton' in adaml_kernels.available_backends('cuda')
 run_step tests 240 "$PY" -m pytest $TESTS -q -rfEs -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml"
 
+# Benchmarks: every backend against torch's fused and foreach Adam (1M-1B, GPT-2 small, 5,000
+# small tensors), then the extra peak memory one step allocates beyond the optimizer state.
+# shellcheck disable=SC2086  # ADAML_GPU_BENCH_ARGS is a list of options
+run_step bench 300 "$PY" -m adaml_kernels.bench --device cuda --no-progress ${ADAML_GPU_BENCH_ARGS---quick} \
+    --json "$OUT/bench.json" --plot "$OUT/bench.png"
+run_step bench_memory 120 "$PY" -m adaml_kernels.bench --device cuda --memory-check --quick \
+    --json "$OUT/bench_memory.json"
+
 # --------------------------------------------------------------------------------- summary
 {
     echo "gpu_check summary ($REPO)"
@@ -109,6 +118,13 @@ run_step tests 240 "$PY" -m pytest $TESTS -q -rfEs -p no:cacheprovider \
     if [ -f "$OUT/tests.log" ]; then
         echo "  pytest: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
         grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -n 20 | sed 's/^/    /'
+    fi
+    if [ -f "$OUT/bench.log" ]; then
+        echo "  bench goals:"; grep -E '^  (PASS|FAIL|n/a) ' "$OUT/bench.log" | sed 's/^/  /'
+    fi
+    if [ -f "$OUT/bench_memory.log" ]; then
+        echo "  extra peak bytes per step:"
+        grep -E '^(16M|256M|gpt2_small|many_small) ' "$OUT/bench_memory.log" | sed 's/^/    /'
     fi
     if [ "$FAILED" -eq 0 ]; then echo "  RESULT: all steps passed"; else echo "  RESULT: FAILURES"; fi
 } | tee "$OUT/summary.txt"
