@@ -86,7 +86,7 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
             return f"the C++/CUDA extension adaml_kernels._C is not usable: {_extension.load_error}"
         if name == "cuda":
             if not _extension.has_cuda_kernels():
-                return "adaml_kernels._C was built without its CUDA kernel (no usable nvcc at build time)"
+                return "adaml_kernels._C has no CUDA kernel (no usable nvcc at build time)"
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
         return None

@@ -230,7 +230,9 @@ def adaml_step_(
         for name in ("exp_avgs", "exp_avg_sqs"):
             t = lists[name][i]
             if t.shape != p.shape or t.dtype != mdt or t.device != p.device:
-                raise ValueError(f"{name}[{i}] must be {mdt} of shape {tuple(p.shape)} on {p.device}")
+                raise ValueError(
+                    f"{name}[{i}] must be {mdt} of shape {tuple(p.shape)} on {p.device}"
+                )
         s = steps[i]
         if s.dim() != 0 or s.dtype != torch.float32 or s.device != p.device:
             raise ValueError(f"steps[{i}] must be a 0-dim float32 tensor on {p.device}")

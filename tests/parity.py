@@ -142,7 +142,7 @@ def errors(result: Result, oracle: Oracle) -> dict[str, float]:
 
 
 def check_against_oracle(backend, device, dtype, inputs: Inputs, hp: Hyper, lr_tensor=False):
-    """Run `backend`; assert it is as close to the oracle as the reference allows. Returns errors."""
+    """Run `backend` and assert it is as close to the oracle as the reference allows."""
     oracle = run_oracle(dtype, inputs, hp)
     result = run_backend(backend, device, dtype, inputs, hp, lr_tensor)
     reference = run_backend("reference", "cpu", dtype, inputs, hp, lr_tensor)
