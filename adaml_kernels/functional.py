@@ -135,8 +135,13 @@ def check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
 
 
 def check_kernel_layout(p: torch.Tensor, others: list[torch.Tensor], backend: str) -> None:
-    """Fused kernels walk each tensor as one flat array: all must be dense with equal strides."""
-    if not is_dense(p) or any(t.stride() != p.stride() for t in others):
+    """Fused kernels walk each tensor as one flat array: all must be dense with equal strides
+    (a dimension of size 1 has no stride that matters)."""
+
+    def same_layout(t):
+        return all(n == 1 or a == b for n, a, b in zip(p.shape, t.stride(), p.stride()))
+
+    if not is_dense(p) or not all(same_layout(t) for t in others):
         raise ValueError(
             f"backend {backend!r} needs each parameter, its gradient and its moments to be dense "
             f"with the same strides (param strides {p.stride()}, others "

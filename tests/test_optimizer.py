@@ -475,3 +475,30 @@ def test_new_gradient_tensors_only_repoint_the_table(monkeypatch):
     assert len(builds) == 1
     for p, r in zip(params, reference):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_channels_last_and_transposed_parameters(backend, device):
+    # Dense but not contiguous: the moments take the parameter's strides, element for element.
+    conv = torch.randn(4, 3, 2, 2, device=device).to(memory_format=torch.channels_last)
+    params = [conv.requires_grad_(), torch.randn(5, 3, device=device).t().requires_grad_()]
+    reference = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                 for p in params]
+    opt = AdamL(params, lr=0.1, backend=backend)
+    opt_ref = AdamL(reference, lr=0.1, backend="reference")
+    for step in range(3):
+        for ps in (params, reference):
+            g = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = _like(p, g)
+        opt.step(1.0)
+        opt_ref.step(1.0)
+    for p, r in zip(params, reference):
+        assert opt.state[p]["exp_avg"].stride() == p.stride()
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
+
+
+def _like(p, generator):
+    """A random gradient with p's shape and strides."""
+    values = torch.randn(p.shape, generator=generator).to(p.device)
+    return torch.empty_like(p).copy_(values)
