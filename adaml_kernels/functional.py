@@ -115,7 +115,16 @@ def _check_loss(loss) -> None:
         raise TypeError(f"loss must be a 0-dim tensor or a real number, got {type(loss).__name__}")
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
 def check_param(p: torch.Tensor, what: str = "parameter") -> None:
+    if _is_dtensor(p):
+        raise ValueError(
+            f"AdamL does not support DTensor {what}s yet (FSDP2, tensor parallel): its kernels "
+            "update local storage through a pointer table. FSDP with flat parameters and DDP work"
+        )
     if p.is_complex():
         raise ValueError(f"AdamL does not support complex {what}s (got {p.dtype})")
     if not p.is_floating_point():

@@ -71,3 +71,19 @@ def test_ranks_with_different_losses_stay_identical(rank_results):
 def test_averaging_can_be_turned_off(rank_results):
     rank0, rank1 = rank_results[None]
     assert not torch.equal(rank0["weight"], rank1["weight"])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_dtensor_parameters_are_refused_clearly(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(4), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match="DTensor"):
+            AdamL([param])
+    finally:
+        dist.destroy_process_group()
