@@ -214,18 +214,24 @@ class AdamL(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
 
         # Check everything before anything changes: a step that cannot be taken changes nothing.
-        changes = {gi: self._plan_change(gi) for gi in range(len(self.param_groups))}
-        for gi, change in changes.items():
+        changes = {}  # group index -> ("grads" or "all", its params, their grads)
+        for gi in range(len(self.param_groups)):
+            params, grads = self._active(gi)
+            change = self._plan_change(gi, params, grads)
+            if change == "grads":
+                self._validate_new_grads(gi, grads)
+            elif change == "all":
+                self._validate_group_tensors(gi, params, grads)
             if change is not None:
-                self._validate_group_tensors(gi, grads_only=change == "grads")
+                changes[gi] = (change, params, grads)
         if not isinstance(loss, torch.Tensor) and not math.isfinite(loss):
             self._count_skip(None)  # a skipped step changes no parameter or state
             return loss
-        for gi, change in changes.items():
+        for gi, (change, params, grads) in changes.items():
             if change == "grads":
-                self._replace_grads(gi)
-            elif change == "all":
-                self._rebuild_plan(gi)
+                self._replace_grads(gi, params, grads)
+            else:
+                self._rebuild_plan(gi, params, grads)
 
         loss_t = self._loss_tensor(loss)
         take = decide_take(loss_t, found_inf)
@@ -274,12 +280,11 @@ class AdamL(torch.optim.Optimizer):
         params = [p for p in self.param_groups[gi]["params"] if p.grad is not None]
         return params, [p.grad for p in params]
 
-    def _plan_change(self, gi: int) -> str | None:
+    def _plan_change(self, gi: int, params, grads) -> str | None:
         """None if the group's plan still holds, "grads" if only gradients moved, else "all"."""
         plan = self._plans[gi]
         if plan is None:
             return "all"
-        params, grads = self._active(gi)
         if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
             return "all"
         try:
@@ -290,29 +295,38 @@ class AdamL(torch.optim.Optimizer):
             return None
         return "grads" if key[: len(params)] == plan.key[: len(params)] else "all"
 
-    def _validate_group_tensors(self, gi: int, grads_only: bool) -> None:
-        params, grads = self._active(gi)
+    def _validate_group_tensors(self, gi: int, params, grads) -> None:
+        chosen = {}  # (device, dtype) -> backend name
         for p, g in zip(params, grads):
-            if not grads_only:
-                check_param(p)
+            check_param(p)
             check_grad(p, g)
-            name = backends.select(self.backend, p.device, p.dtype)
-            if backends.is_fused(name):
-                check_kernel_layout(p, [g], name)
-            if grads_only:
-                continue
+            key = (p.device, p.dtype)
+            if key not in chosen:
+                chosen[key] = backends.select(self.backend, p.device, p.dtype)
+            if backends.is_fused(chosen[key]):
+                check_kernel_layout(p, [g], chosen[key])
             st = self.state.get(p)
             if st and "exp_avg" in st:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if st[key].shape != p.shape:
+                for name in ("exp_avg", "exp_avg_sq"):
+                    if st[name].shape != p.shape:
                         raise ValueError(
-                            f"state {key!r} has shape {tuple(st[key].shape)}, "
+                            f"state {name!r} has shape {tuple(st[name].shape)}, "
                             f"its parameter {tuple(p.shape)}"
                         )
 
-    def _rebuild_plan(self, gi: int) -> None:
+    def _validate_new_grads(self, gi: int, grads) -> None:
+        """The parameters are those of the plan, unchanged: only their gradients are new."""
+        plan = self._plans[gi]
+        for (bucket, name), idx in zip(plan.buckets, plan.members):
+            fused = backends.is_fused(name)
+            for p, i in zip(bucket.params, idx):
+                g = grads[i]
+                check_grad(p, g)
+                if fused and g.stride() != p.stride():
+                    check_kernel_layout(p, [g], name)
+
+    def _rebuild_plan(self, gi: int, params, grads) -> None:
         group = self.param_groups[gi]
-        params, grads = self._active(gi)
         by_bucket: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_bucket.setdefault((p.device, p.dtype), []).append(i)
@@ -333,9 +347,8 @@ class AdamL(torch.optim.Optimizer):
             members.append(idx)
         self._plans[gi] = _GroupPlan(params, Bucket.storage_key(params, grads), buckets, members)
 
-    def _replace_grads(self, gi: int) -> None:
+    def _replace_grads(self, gi: int, params, grads) -> None:
         plan = self._plans[gi]
-        params, grads = self._active(gi)
         for (bucket, _), idx in zip(plan.buckets, plan.members):
             bucket.replace_grads([grads[i] for i in idx])
         plan.key = Bucket.storage_key(params, grads)
