@@ -10,19 +10,20 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GPU_BACKENDS = adaml_kernels.available_backends("cuda") if torch.cuda.is_available() else []
 
 
-def make(backend, dtype=torch.float32):
+def make(backend, dtype=torch.float32, lr=1e-2):
     torch.manual_seed(0)
     params = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True)
               for s in [(1000, 33), (7,), (4097,)]]
     for p in params:
         p.grad = torch.randn_like(p)
-    return params, AdamL(params, lr=1e-2, normalize_loss=True, weight_decay=0.01,
+    return params, AdamL(params, lr=lr, normalize_loss=True, weight_decay=0.01,
                          backend=backend)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_step_never_synchronises(backend):
-    params, opt = make(backend)
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_step_never_synchronises(backend, tensor_lr):
+    params, opt = make(backend, lr=torch.tensor(1e-2, device="cuda") if tensor_lr else 1e-2)
     loss, nan = torch.tensor(1.5, device="cuda"), torch.tensor(float("nan"), device="cuda")
     opt.step(loss)  # builds state and tables (allowed to copy host data once)
     torch.cuda.synchronize()
@@ -37,9 +38,10 @@ def test_step_never_synchronises(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_captured_step_replays_like_eager(backend):
-    eager_params, eager = make(backend)
-    graph_params, captured = make(backend)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_step_replays_like_eager(backend, dtype):
+    eager_params, eager = make(backend, dtype)
+    graph_params, captured = make(backend, dtype)
     losses = [2.0, 1.5, float("nan"), 1.2, 1.1]
     static_loss = torch.tensor(3.0, device="cuda")
 
