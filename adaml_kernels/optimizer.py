@@ -326,7 +326,6 @@ class AdamL(torch.optim.Optimizer):
                     check_kernel_layout(p, [g], name)
 
     def _rebuild_plan(self, gi: int, params, grads) -> None:
-        group = self.param_groups[gi]
         by_bucket: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_bucket.setdefault((p.device, p.dtype), []).append(i)
