@@ -224,16 +224,17 @@ class AdamL(torch.optim.Optimizer):
                 self._validate_group_tensors(gi, params, grads)
             if change is not None:
                 changes[gi] = (change, params, grads)
-        if not isinstance(loss, torch.Tensor) and not math.isfinite(loss):
+        loss_group = _loss_process_group(self.loss_group)
+        if not isinstance(loss, torch.Tensor) and not math.isfinite(loss) and loss_group is None:
             self._count_skip(None)  # a skipped step changes no parameter or state
-            return loss
+            return loss  # (under loss averaging every rank must still join the all-reduce)
         for gi, (change, params, grads) in changes.items():
             if change == "grads":
                 self._replace_grads(gi, params, grads)
             else:
                 self._rebuild_plan(gi, params, grads)
 
-        loss_t = self._loss_tensor(loss)
+        loss_t = self._loss_tensor(loss, loss_group)
         take = decide_take(loss_t, found_inf)
         for gi, group in enumerate(self.param_groups):
             plan = self._plans[gi]
@@ -242,7 +243,8 @@ class AdamL(torch.optim.Optimizer):
         self._count_skip(take)
         return loss
 
-    def _loss_tensor(self, loss) -> torch.Tensor:
+    def _loss_tensor(self, loss, group) -> torch.Tensor:
+        """The loss as a 0-dim tensor, averaged over `group` when there is one."""
         device = self._first_device()
         if isinstance(loss, torch.Tensor):
             loss_t = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
@@ -250,7 +252,6 @@ class AdamL(torch.optim.Optimizer):
                 loss_t = loss_t.to(torch.float32)
         else:
             loss_t = torch.tensor(float(loss), dtype=torch.float64, device=device)
-        group = _loss_process_group(self.loss_group)
         if group is not None:
             import torch.distributed as dist
 

@@ -2,6 +2,7 @@
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch.multiprocessing as mp
 
 from adaml_kernels import AdamL
 
-LOSSES = {0: [1.0, 2.5, 0.5], 1: [3.0, 0.5, 1.5]}  # per rank; the means are 2.0, 1.5, 1.0
+# Per rank; the means are 2.0, 1.5, (skipped: one rank's loss is NaN), 1.0.
+LOSSES = {0: [1.0, 2.5, 7.0, 0.5], 1: [3.0, 0.5, float("nan"), 1.5]}
 
 
 def make_model():
@@ -26,14 +28,15 @@ def grads_for(step, model):
 
 def rank_main(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A rank that skipped the all-reduce would leave the other waiting: time out, not hang.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     for loss_group in ("world", None):
         model = make_model()
         opt = AdamL(model.parameters(), lr=0.1, eps=1e-2, backend="reference",
                     loss_group=loss_group)
         for step, loss in enumerate(LOSSES[rank]):
             grads_for(step, model)
-            opt.step(torch.tensor(loss))
+            opt.step(loss)  # a Python number: a NaN on one rank must not skip the all-reduce
         torch.save(model.state_dict(), os.path.join(out_dir, f"{loss_group}-rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -59,9 +62,10 @@ def test_ranks_with_different_losses_stay_identical(rank_results):
     rank0, rank1 = rank_results["world"]
     single = make_model()
     opt = AdamL(single.parameters(), lr=0.1, eps=1e-2, backend="reference")
-    for step in range(3):
+    for step in range(len(LOSSES[0])):
         grads_for(step, single)
         opt.step(torch.tensor((LOSSES[0][step] + LOSSES[1][step]) / 2))
+    assert opt.skipped_steps == 1
     for name, value in single.state_dict().items():
         assert torch.equal(rank0[name], rank1[name])
         torch.testing.assert_close(rank0[name], value, rtol=1e-6, atol=1e-7)
