@@ -29,17 +29,6 @@ _ALIGN_BYTES = 64
 # the two streams would then map to the same cache sets (4K aliasing), which made the CPU step
 # 25-35% slower at 64M parameters.
 _ROW_GAP_BYTES = 4096 + 64
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "initial_loss")
-
-
-@dataclass
-class _FlatState:
-    """The state of one (param group, device, dtype): moments, steps and f_1 in flat buffers."""
-
-    params: list[torch.Tensor]
-    moments: torch.Tensor  # [2, N] view: row 0 holds every exp_avg, row 1 every exp_avg_sq
-    steps: torch.Tensor  # [T] float32
-    initial_losses: torch.Tensor  # [T], moment dtype; NaN until the first step taken
 
 
 @dataclass
@@ -110,7 +99,8 @@ class AdamL(torch.optim.Optimizer):
         _validate_group(defaults)
         self.backend = backend
         self.loss_group = loss_group
-        self._flat: dict[tuple, _FlatState] = {}
+        # (group, device, dtype) -> ids of the parameters whose state is packed in flat buffers
+        self._packed: dict[tuple, set[int]] = {}
         self._plans: list[_GroupPlan | None] = []
         self._skipped: torch.Tensor | None = None
         super().__init__(params, defaults)
@@ -143,11 +133,11 @@ class AdamL(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in ("_flat", "_plans")}
+        return {k: v for k, v in state.items() if k not in ("_packed", "_plans")}
 
     def _invalidate(self) -> None:
         """Forget flat buffers and tables; the next step rebuilds them from self.state."""
-        self._flat = {}
+        self._packed = {}
         self._plans = [None] * len(self.param_groups)
 
     def state_dict(self) -> dict:
@@ -332,16 +322,13 @@ class AdamL(torch.optim.Optimizer):
             by_bucket.setdefault((p.device, p.dtype), []).append(i)
         buckets, members = [], []
         for (device, dtype), idx in by_bucket.items():
-            flat = self._flat_state(gi, device, dtype, [params[i] for i in idx])
-            position = {id(p): j for j, p in enumerate(flat.params)}
+            self._pack_state(gi, device, dtype, [params[i] for i in idx])
             views = [self.state[params[i]] for i in idx]
             bucket = Bucket(
                 [params[i] for i in idx],
                 [grads[i] for i in idx],
-                [st["exp_avg"] for st in views],
-                [st["exp_avg_sq"] for st in views],
-                [flat.steps[position[id(params[i])]] for i in idx],
-                [flat.initial_losses[position[id(params[i])]] for i in idx],
+                *([st[key] for st in views]
+                  for key in ("exp_avg", "exp_avg_sq", "step", "initial_loss")),
             )
             buckets.append((bucket, backends.select(self.backend, device, dtype)))
             members.append(idx)
@@ -353,14 +340,12 @@ class AdamL(torch.optim.Optimizer):
             bucket.replace_grads([grads[i] for i in idx])
         plan.key = Bucket.storage_key(params, grads)
 
-    def _flat_state(self, gi, device, dtype, active: list[torch.Tensor]) -> _FlatState:
-        """The flat state of (group, device, dtype), repacked if `active` brings new members."""
+    def _pack_state(self, gi, device, dtype, active: list[torch.Tensor]) -> None:
+        """Lay out the state of (group, device, dtype) in flat buffers, unless it already is,
+        with every parameter of `active` among its members."""
         key = (gi, device, dtype)
-        flat = self._flat.get(key)
-        if flat is not None:
-            known = {id(p) for p in flat.params}
-            if all(id(p) in known for p in active):
-                return flat
+        if key in self._packed and all(id(p) in self._packed[key] for p in active):
+            return
         # Members: every parameter of the bucket that has state, plus the active ones.
         active_ids = {id(p) for p in active}
         members = [
@@ -369,9 +354,8 @@ class AdamL(torch.optim.Optimizer):
             if p.device == device and p.dtype == dtype
             and (id(p) in active_ids or "exp_avg" in self.state.get(p, {}))
         ]
-        flat = _pack(members, self.state)
-        self._flat[key] = flat
-        return flat
+        _pack(members, self.state)
+        self._packed[key] = {id(p) for p in members}
 
 
 def _validate_group(group: dict) -> None:
@@ -414,7 +398,7 @@ def _import_param_state(p: torch.Tensor, saved: dict) -> dict:
     return out
 
 
-def _pack(members: list[torch.Tensor], state) -> _FlatState:
+def _pack(members: list[torch.Tensor], state) -> None:
     """Lay the state of `members` out in flat buffers and make their state entries views of them.
 
     Existing values (from earlier steps or a loaded checkpoint) are copied in; new parameters
@@ -422,15 +406,15 @@ def _pack(members: list[torch.Tensor], state) -> _FlatState:
     """
     device, dtype = members[0].device, members[0].dtype
     mdt = moment_dtype(dtype)
-    align = _ALIGN_BYTES // torch.empty((), dtype=mdt).element_size()
+    element = torch.empty((), dtype=mdt).element_size()
+    align = _ALIGN_BYTES // element
     offsets, total = [], 0
     for p in members:
         offsets.append(total)
         total += -(-p.numel() // align) * align
-    element = torch.empty((), dtype=mdt).element_size()
+    # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
     second_row = total + _ROW_GAP_BYTES // element
     buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
-    moments = buffer.as_strided((2, total), (second_row, 1))
     steps = torch.zeros(len(members), dtype=torch.float32, device=device)
     initial_losses = torch.full((len(members),), math.nan, dtype=mdt, device=device)
     for i, (p, off) in enumerate(zip(members, offsets)):
@@ -448,4 +432,3 @@ def _pack(members: list[torch.Tensor], state) -> _FlatState:
             if key in st:
                 view.copy_(st[key])
             st[key] = view
-    return _FlatState(members, moments, steps, initial_losses)
