@@ -6,6 +6,7 @@ why and the backends "cpu" and "cuda" report it (backends.unavailable_reason).
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -47,13 +48,23 @@ def cpu_capability() -> str:
     return torch.ops.adaml_kernels.cpu_capability()
 
 
-def _fused_step(bucket, hp, loss, take, grad_scale) -> None:
-    torch.ops.adaml_kernels.fused_step_(*bucket.fused_op_args(hp, loss, take, grad_scale))
+def cuda_kernel_error(device: torch.device) -> str | None:
+    """Why the CUDA kernel cannot run on `device` (e.g. no code for its architecture), or None."""
+    if not has_cuda_kernels():
+        return "adaml_kernels._C has no CUDA kernel (no usable nvcc at build time)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _kernel_error_on(index)
 
 
-def cpu_step(bucket, hp, loss, take, grad_scale) -> None:
-    _fused_step(bucket, hp, loss, take, grad_scale)
+@functools.cache
+def _kernel_error_on(index: int) -> str | None:
+    err = torch.ops.adaml_kernels.cuda_kernel_error(index)
+    if not err:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"the CUDA kernel was not built for this GPU (sm_{major}{minor}): {err}; rebuild "
+            "with TORCH_CUDA_ARCH_LIST naming its architecture")
 
 
-def cuda_step(bucket, hp, loss, take, grad_scale) -> None:
-    _fused_step(bucket, hp, loss, take, grad_scale)
+def fused_step(bucket, hp, inputs) -> None:
+    torch.ops.adaml_kernels.fused_step_(*bucket.fused_op_args(hp, inputs))

@@ -5,8 +5,12 @@
     cpu        fused C++ kernel from adaml_kernels._C (OpenMP + SIMD)
     cuda       fused CUDA kernel from adaml_kernels._C
 
-"auto" picks, per device and dtype, the first available entry of AUTO_ORDER. A backend asked for
-by name that cannot run raises with the reason; nothing ever falls back silently.
+"auto" picks, per device and dtype, the first available entry of AUTO_ORDER that can run on that
+very device (e.g. the CUDA kernel only where the build has code for the GPU's architecture).
+Under "auto", a tensor the fused kernels cannot walk as one flat array (a parameter that is not
+dense, or a gradient laid out unlike its parameter) takes the reference path; `describe()` on the
+optimizer shows which path each bucket takes. A backend asked for by name that cannot run, or
+cannot take a tensor, raises with the reason; nothing ever falls back silently.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ _HALF_AND_FLOAT = frozenset({torch.float32, torch.float16, torch.bfloat16})
 class BackendInfo:
     name: str
     module: str  # the module holding ...
-    function: str  # ... the function step(bucket, hp, loss, take, grad_scale)
+    function: str  # ... the function step(bucket, hp, inputs)
     fused: bool  # reads tensors through the bucket's pointer table
     device_types: tuple[str, ...]
     dtypes: frozenset | None  # None: every floating dtype
@@ -42,9 +46,9 @@ INFO = {
         "triton", "triton_kernel", "step", True, ("cuda", "cpu"), _HALF_AND_FLOAT
     ),
     "cpu": BackendInfo(
-        "cpu", "_extension", "cpu_step", True, ("cpu",), _HALF_AND_FLOAT | {torch.float64}
+        "cpu", "_extension", "fused_step", True, ("cpu",), _HALF_AND_FLOAT | {torch.float64}
     ),
-    "cuda": BackendInfo("cuda", "_extension", "cuda_step", True, ("cuda",), _HALF_AND_FLOAT),
+    "cuda": BackendInfo("cuda", "_extension", "fused_step", True, ("cuda",), _HALF_AND_FLOAT),
 }
 
 
@@ -89,6 +93,8 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
                 return "adaml_kernels._C has no CUDA kernel (no usable nvcc at build time)"
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
+            if dev_type == "cuda":
+                return _extension.cuda_kernel_error(torch.device(device))
         return None
     return None
 
@@ -122,6 +128,16 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     return requested
 
 
+def select_for_tensor(requested: str, p: torch.Tensor, g: torch.Tensor) -> str:
+    """The backend for parameter p with gradient g (see the module docstring on layouts)."""
+    from .tensor_checks import fits_fused_kernels
+
+    name = select(requested, p.device, p.dtype)
+    if requested == "auto" and INFO[name].fused and not fits_fused_kernels(p, g):
+        return "reference"
+    return name
+
+
 def check_name(requested: str) -> None:
     if requested != "auto" and requested not in INFO:
         raise ValueError(f"Invalid backend: {requested!r} (choose from {NAMES} or 'auto')")
@@ -134,7 +150,7 @@ def _supports_dtype(name: str, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def step_function(name: str):
-    """step(bucket, hp, loss, take, grad_scale) of backend `name`."""
+    """step(bucket, hp, inputs) of backend `name` (inputs: loss.StepInputs on its device)."""
     info = INFO[name]
     return getattr(importlib.import_module(f"{__package__}.{info.module}"), info.function)
 

@@ -4,17 +4,18 @@ A bucket holds parameters of one device and one dtype. The fused kernels do not 
 tensors as arguments; they read a per-bucket table with one 64-byte row per tensor:
 
     column  0: param address        4: step address (float32, 0-dim)
-            1: grad address         5: initial-loss address (moment dtype, 0-dim), or 0
+            1: grad address         5: unused (0)
             2: exp_avg address      6: numel
             3: exp_avg_sq address   7: index of the tensor's first chunk
 
-Work is split into chunks of CHUNK elements (at least one per tensor, so that an empty tensor
-still records f_1), one program (Triton), block (CUDA) or loop iteration (CPU) per chunk;
+Work is split into chunks of CHUNK elements (at least one per tensor, so that every tensor has
+a row in the chunk map), one program (Triton), block (CUDA) or loop iteration (CPU) per chunk;
 `chunk_tensor[c]` names the tensor that chunk c belongs to, and the chunk starts at element
 `(c - row[7]) * CHUNK` of that tensor. All offsets are 64-bit.
 
-The table holds raw addresses, so a bucket keeps references to every tensor it points at and is
-rebuilt whenever any of those storages moves (see Bucket.matches).
+The table holds raw addresses, so a bucket keeps references to every tensor it points at; the
+optimizer's plan (plan.py) rebuilds it whenever any of them moves or changes shape or layout.
+Tables reach the device with non-blocking copies, so building one never waits for the device.
 """
 
 from __future__ import annotations
@@ -60,27 +61,21 @@ class PointerTable:
 class Bucket:
     """Parameters, gradients and state of one device and dtype, updated in one launch.
 
-    `steps` and `initial_losses` are lists of 0-dim tensors. When the steps are consecutive
-    elements of one buffer (as the optimizer lays them out), the step count is advanced with a
-    single add on that buffer.
+    `steps` is a list of 0-dim float32 tensors. When they are consecutive elements of one buffer
+    (as the optimizer lays them out), the step count is advanced with a single add on that
+    buffer. f_1 is not part of a bucket: it is one value per optimizer, handed to each launch.
     """
 
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses=None):
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps):
         self.params = list(params)
         self.grads = list(grads)
         self.exp_avgs = list(exp_avgs)
         self.exp_avg_sqs = list(exp_avg_sqs)
         self.steps = list(steps)
-        self.initial_losses = None if initial_losses is None else list(initial_losses)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.flat_steps = _as_one_buffer(self.steps)
         self._table: PointerTable | None = None
-
-    @staticmethod
-    def storage_key(params, grads) -> list[int]:
-        """Addresses that must not change for the cached table to stay valid."""
-        return [p.data_ptr() for p in params] + [g.data_ptr() for g in grads]
 
     def replace_grads(self, grads) -> None:
         """New gradient tensors for the same parameters: only the table's grad column changes.
@@ -92,7 +87,7 @@ class Bucket:
             rows_host = self._table.rows_host.clone()
             rows_host[:, 1] = torch.tensor([g.data_ptr() for g in self.grads], dtype=torch.int64)
             self._table = PointerTable(
-                rows=rows_host.to(self.device),
+                rows=_to_device(rows_host, self.device),
                 rows_host=rows_host,
                 chunk_tensor=self._table.chunk_tensor,
                 num_chunks=self._table.num_chunks,
@@ -109,24 +104,28 @@ class Bucket:
     def table(self) -> PointerTable:
         if self._table is None:
             self._table = build_table(
-                self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
-                self.initial_losses,
+                self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps
             )
         return self._table
 
-    def fused_op_args(self, hp, loss, take, grad_scale) -> tuple:
+    def fused_op_args(self, hp, inputs) -> tuple:
         """Arguments of the fused ops (Triton, C++, CUDA), in their schema's order:
 
-        (params!, grads, exp_avgs!, exp_avg_sqs!, steps, initial_losses!, rows, rows_host,
+        (params!, grads, exp_avgs!, exp_avg_sqs!, steps, initial_loss?, rows, rows_host,
          chunk_tensor, loss, take, lr_tensor?, grad_scale?, lr, beta1, beta2, eps, gamma, phi,
          loss_offset, weight_decay, normalize_loss, decoupled_weight_decay, maximize)
+
+        `inputs` (loss.StepInputs) are on the bucket's device; the launch only reads them.
         """
         table = self.table()
-        lr_tensor = hp.lr.to(self.device) if isinstance(hp.lr, torch.Tensor) else None
+        lr_tensor = None
+        if isinstance(hp.lr, torch.Tensor):
+            lr_tensor = _to_device(hp.lr.reshape(()), self.device)
         return (
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
-            self.initial_losses or [], table.rows, table.rows_host, table.chunk_tensor,
-            loss, take, lr_tensor, grad_scale,
+            inputs.initial_loss if hp.normalize_loss else None,
+            table.rows, table.rows_host, table.chunk_tensor,
+            inputs.loss, inputs.take, lr_tensor, inputs.grad_scale,
             0.0 if lr_tensor is not None else float(hp.lr), hp.beta1, hp.beta2, hp.eps,
             hp.gamma, hp.phi, hp.loss_offset, hp.weight_decay,
             hp.normalize_loss, hp.decoupled_weight_decay, hp.maximize,
@@ -149,18 +148,24 @@ def _as_one_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(tensors),), (1,))
 
 
-def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses) -> PointerTable:
-    """The pointer table of these tensors (initial_losses may be empty: column 5 is then 0)."""
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: a copy from pageable host
+    memory is staged by the CUDA driver before the call returns, so the source may change
+    afterwards."""
+    return t.to(device, non_blocking=True)
+
+
+def build_table(params, grads, exp_avgs, exp_avg_sqs, steps) -> PointerTable:
+    """The pointer table of these tensors."""
     rows = []
     chunk_counts = []
     first_chunk = 0
     for i, p in enumerate(params):
         addresses = [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                      exp_avg_sqs[i].data_ptr()]
-        initial_loss = initial_losses[i].data_ptr() if initial_losses else 0
         n = p.numel()
         chunks = max(1, -(-n // CHUNK))
-        rows.append(addresses + [steps[i].data_ptr(), initial_loss, n, first_chunk])
+        rows.append(addresses + [steps[i].data_ptr(), 0, n, first_chunk])
         chunk_counts.append(chunks)
         first_chunk += chunks
     rows_t = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
@@ -169,9 +174,9 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses) -> 
     )
     device = params[0].device if params else torch.device("cpu")
     return PointerTable(
-        rows=rows_t.to(device),
+        rows=_to_device(rows_t, device),
         rows_host=rows_t,
-        chunk_tensor=chunk_tensor.to(device),
+        chunk_tensor=_to_device(chunk_tensor, device),
         num_chunks=first_chunk,
         aligned=rows_aligned(rows_t),
     )
@@ -182,8 +187,7 @@ def rows_aligned(rows_host: torch.Tensor) -> bool:
     return bool((rows_host[:, :4] % VECTOR_BYTES == 0).all())
 
 
-def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps,
-                  initial_losses) -> bool:
+def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps) -> bool:
     """Whether `rows_host` points at exactly these tensors.
 
     A fused op is handed the cached table together with the tensors it updates. Under
@@ -192,10 +196,9 @@ def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs,
     """
     if rows_host.shape[0] != len(params):
         return False
-    expected = rows_host[:, :6].tolist()
-    f1 = initial_losses if initial_losses else [None] * len(params)
+    expected = rows_host[:, :7].tolist()
     return all(
-        row == [p.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(), s.data_ptr(),
-                0 if f is None else f.data_ptr()]
-        for row, p, g, m, w, s, f in zip(expected, params, grads, exp_avgs, exp_avg_sqs, steps, f1)
+        row == [p.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(), s.data_ptr(), 0,
+                p.numel()]
+        for row, p, g, m, w, s in zip(expected, params, grads, exp_avgs, exp_avg_sqs, steps)
     )

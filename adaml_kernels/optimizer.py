@@ -3,42 +3,18 @@
 from __future__ import annotations
 
 import math
-import operator
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
 from itertools import chain
 
 import torch
 
-from . import backends
-from .buckets import Bucket, is_dense, moment_dtype
-from .functional import (
-    Hyperparams,
-    check_grad,
-    check_kernel_layout,
-    check_param,
-    decide_take,
-    run_buckets,
-    validate_hyperparameters,
-    _check_loss,
-)
-
-# Each parameter's moments start on a 64-byte boundary of the flat buffer.
-_ALIGN_BYTES = 64
-# The exp_avg_sq row does not start a power of two after the exp_avg row: with a large bucket
-# the two streams would then map to the same cache sets (4K aliasing), which made the CPU step
-# 25-35% slower at 64M parameters.
-_ROW_GAP_BYTES = 4096 + 64
-
-
-@dataclass
-class _GroupPlan:
-    """What one param group's step launches, valid while `key` (storage addresses) holds."""
-
-    params: list[torch.Tensor]  # the parameters that have a gradient, in group order
-    key: list[int]
-    buckets: list[tuple[Bucket, str]]  # with the backend that runs each
-    members: list[list[int]]  # per bucket, its parameters' indices in `params`
+from . import backends, loss as losses, plan as planning
+from .buckets import moment_dtype
+from .hyperparams import DEFAULTS, Hyperparams, validate_group
+from .loss import StepInputs
+from .tensor_checks import check_param
 
 
 class AdamL(torch.optim.Optimizer):
@@ -46,9 +22,12 @@ class AdamL(torch.optim.Optimizer):
 
         w = b2*w + (1 - b2)*g^2 / (gamma * l^phi) + eps*l,    l = max(loss - loss_offset, 1e-12)
 
-    Call ``opt.step(loss)`` after ``loss.backward()``, or ``opt.step(closure)``. The loss may be
-    a 0-dim tensor (never read on the host) or a number. A step with a non-finite loss, or one
-    that torch.amp.GradScaler flags with found_inf, is skipped and changes nothing.
+    Hand it the loss whose gradients are in .grad: ``opt.step(loss)`` after ``loss.backward()``,
+    ``opt.step(closure)``, or ``opt.add_loss(loss)`` after each backward and then ``opt.step()``
+    (for loops that call step() without arguments; under gradient accumulation the registered
+    losses are summed, as their gradients are). The loss may be a 0-dim tensor (never read on the
+    host) or a number. A step with a non-finite loss, or one that torch.amp.GradScaler flags with
+    found_inf, is skipped and changes nothing. A step with no gradient at all does nothing.
 
     Args beyond torch.optim.Adam's:
         gamma, phi: the adaptive term is divided by gamma * l^phi.
@@ -60,8 +39,9 @@ class AdamL(torch.optim.Optimizer):
             torch.distributed is initialized; None turns the averaging off.
 
     State: per parameter, torch.optim.Adam's ``step``, ``exp_avg`` and ``exp_avg_sq`` (views of
-    flat per-bucket buffers; modify them in place or through load_state_dict) and AdamL's
-    ``initial_loss`` (f_1, NaN until the first step taken).
+    flat per-bucket buffers; modify them in place or through load_state_dict) and
+    ``initial_loss``: f_1, one float64 value for the whole optimizer (NaN until the first step
+    taken), the same tensor in every parameter's state.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
@@ -96,14 +76,21 @@ class AdamL(torch.optim.Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
         )
-        _validate_group(defaults)
+        validate_group(defaults)
         self.backend = backend
         self.loss_group = loss_group
+        self._reset_runtime()
+        self._skipped: torch.Tensor | None = None
+        self._initial_loss: torch.Tensor | None = None
+        super().__init__(params, defaults)
+
+    def _reset_runtime(self) -> None:
+        """Forget plans, flat-buffer records and pending losses (none of them is saved)."""
         # (group, device, dtype) -> ids of the parameters whose state is packed in flat buffers
         self._packed: dict[tuple, set[int]] = {}
-        self._plans: list[_GroupPlan | None] = []
-        self._skipped: torch.Tensor | None = None
-        super().__init__(params, defaults)
+        self._plans: list[planning.GroupPlan | None] = []
+        self._pending = losses.PendingLoss()
+        self._taken: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- param groups & state
 
@@ -115,7 +102,7 @@ class AdamL(torch.optim.Optimizer):
         elif not isinstance(params, set):  # torch.optim rejects sets with its own message
             params = list(params)
         group["params"] = params
-        _validate_group({**self.defaults, **group})
+        validate_group({**self.defaults, **group})
         for p in params:
             check_param(p[1] if isinstance(p, tuple) else p)
         super().add_param_group(group)
@@ -123,17 +110,22 @@ class AdamL(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # Only AdamL's own keys: torch's __setstate__ adds "differentiable" to the defaults,
+        # which must not reach the groups (it would change the saved schema).
         for group in self.param_groups:  # e.g. groups loaded from a torch.optim.Adam checkpoint
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in DEFAULTS:
+                group.setdefault(key, self.defaults[key])
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("loss_group", "world")
         self.__dict__.setdefault("_skipped", None)
+        self.__dict__.setdefault("_initial_loss", None)
+        self._reset_runtime()
         self._invalidate()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in ("_packed", "_plans")}
+        runtime = ("_packed", "_plans", "_pending", "_taken")
+        return {k: v for k, v in state.items() if k not in runtime}
 
     def _invalidate(self) -> None:
         """Forget flat buffers and tables; the next step rebuilds them from self.state."""
@@ -143,16 +135,22 @@ class AdamL(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """As torch.optim.Adam's, with each state tensor copied out of the flat buffers."""
         sd = super().state_dict()
-        sd["state"] = {
-            k: {name: v.clone() if isinstance(v, torch.Tensor) else v for name, v in st.items()}
-            for k, st in sd["state"].items()
-        }
+        sd["state"] = {k: _copy_out(v) for k, v in sd["state"].items()}
         if self._skipped is not None:
             sd["adaml"] = {"skipped_steps": self._skipped.clone()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load an AdamL or torch.optim.Adam state dict. Moments keep AdamL's dtype (float32)."""
+        """Load an AdamL or torch.optim.Adam state dict. Moments keep AdamL's dtype (float32).
+
+        torch.optim's loader would cast the state to the parameters' dtype (rounding moments of
+        bf16 parameters), so AdamL converts the state itself and runs the hooks around that,
+        as torch.optim does: pre-hooks see the state dict first, post-hooks the loaded state.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups) or any(
             len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
@@ -166,23 +164,50 @@ class AdamL(torch.optim.Optimizer):
                 chain.from_iterable(g["params"] for g in groups),
             )
         )
-        imported = {
-            id_map[pid]: _import_param_state(id_map[pid], st)
-            for pid, st in state_dict["state"].items()
-            if pid in id_map
-        }
+        imported = {}
+        for key, st in state_dict["state"].items():
+            if key in id_map:
+                imported[id_map[key]] = _import_param_state(id_map[key], st)
+            else:  # torch.optim keeps state that belongs to no parameter as it is
+                imported[key] = st
+        initial_loss = _first_initial_loss(imported.values(), self._home_device())
         skipped = state_dict.get("adaml", {}).get("skipped_steps")
-        # torch.optim's own loader handles groups and hooks; the state is ours to convert, so
-        # it is not cast to the parameter dtype (which would round bf16 moments).
-        super().load_state_dict({**state_dict, "state": {}})
+        with _hooks_held(self):
+            super().load_state_dict({**state_dict, "state": {}})
         self.state.update(imported)
-        self._skipped = None if skipped is None else skipped.to(torch.float64, copy=True)
+        self._initial_loss = initial_loss
+        for st in self.state.values():
+            if isinstance(st, dict) and "initial_loss" in st:
+                st["initial_loss"] = initial_loss
+        self._skipped = None if skipped is None else skipped.to(
+            self._home_device(), torch.float64, copy=True)
         self._invalidate()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @property
     def skipped_steps(self) -> int:
         """How many steps were skipped (non-finite loss or found_inf). Reading it syncs."""
         return 0 if self._skipped is None else round(self._skipped.item())
+
+    @property
+    def last_step_taken(self) -> torch.Tensor | None:
+        """Whether the last step was taken: a 0-dim bool tensor on the device (reading it on
+        the host syncs), None before the first step. A loop can hold its LR scheduler with it,
+        e.g. by scaling the scheduler's step on the device."""
+        return None if self._taken is None else self._taken != 0
+
+    def describe(self) -> list[list[dict]]:
+        """Per param group, the buckets of its current plan: backend, device, dtype, tensors and
+        elements. Empty for a group that has not been stepped with gradients yet."""
+        return [[] if plan is None else plan.describe() for plan in self._plans]
+
+    # ----------------------------------------------------------------------------- loss
+
+    def add_loss(self, loss) -> None:
+        """Register the loss of a backward pass; the next step() without a loss uses the sum of
+        the losses registered since the last step. Nothing is read on the host."""
+        self._pending.add(loss)
 
     # ----------------------------------------------------------------------------- step
 
@@ -191,194 +216,131 @@ class AdamL(torch.optim.Optimizer):
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, loss=None, closure: Callable | None = None):
-        """Take one AdamL step. Pass the loss (tensor or number) or a closure returning it."""
+        """Take one AdamL step and return the loss used (a closure's result if there is one).
+
+        The loss is, in this order: what the closure returns, `loss`, or the sum of the losses
+        registered with add_loss() since the last step.
+        """
         if callable(loss):
             loss, closure = None, loss
         if closure is not None:
-            if loss is not None:
-                raise TypeError("step() takes the loss or a closure, not both")
             with torch.enable_grad():
-                loss = closure()
-        _check_loss(loss)
+                result = closure()
+            if result is not None:
+                loss = result
+        actives = [self._active(gi) for gi in range(len(self.param_groups))]
+        if loss is None and self._pending.total is not None:
+            loss = self._pending.total
+        if not any(params for params, _ in actives):
+            self._pending.take()
+            return loss  # no gradient anywhere: nothing to do, as in torch.optim
+        losses.check_loss(loss)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
 
         # Check everything before anything changes: a step that cannot be taken changes nothing.
-        changes = {}  # group index -> ("grads" or "all", its params, their grads)
-        for gi in range(len(self.param_groups)):
-            params, grads = self._active(gi)
-            change = self._plan_change(gi, params, grads)
-            if change == "grads":
-                self._validate_new_grads(gi, grads)
-            elif change == "all":
-                self._validate_group_tensors(gi, params, grads)
-            if change is not None:
-                changes[gi] = (change, params, grads)
-        loss_group = _loss_process_group(self.loss_group)
-        if not isinstance(loss, torch.Tensor) and not math.isfinite(loss) and loss_group is None:
-            self._count_skip(None)  # a skipped step changes no parameter or state
-            return loss  # (under loss averaging every rank must still join the all-reduce)
-        for gi, (change, params, grads) in changes.items():
-            if change == "grads":
-                self._replace_grads(gi, params, grads)
-            else:
-                self._rebuild_plan(gi, params, grads)
-
-        loss_t = self._loss_tensor(loss, loss_group)
-        take = decide_take(loss_t, found_inf)
-        for gi, group in enumerate(self.param_groups):
+        changes = {}  # group index -> ("grads" or "all", its params, their grads, backends)
+        for gi, (params, grads) in enumerate(actives):
             plan = self._plans[gi]
-            if plan.buckets:
-                run_buckets(plan.buckets, Hyperparams.from_group(group), loss_t, take, grad_scale)
-        self._count_skip(take)
+            change = "all" if plan is None else plan.change(params, grads)
+            if change == "grads" and not plan.new_grads_fit(grads, self.backend):
+                change = "all"
+            if change == "all":
+                names = planning.check_group(params, grads, self.state, self.backend)
+                changes[gi] = (change, params, grads, names)
+            elif change == "grads":
+                changes[gi] = (change, params, grads, None)
+        self._pending.take()
+        group = losses.process_group(self.loss_group)
+        if losses.is_nonfinite_number(loss) and group is None:
+            # Skipped on the host alone (under loss averaging every rank must join the
+            # all-reduce, so there the skip is decided on the device).
+            self._count_skip(None)
+            self._taken = torch.zeros((), dtype=torch.float32, device=self._home_device())
+            return loss
+        for gi, (change, params, grads, names) in changes.items():
+            if change == "grads":
+                self._plans[gi].replace_grads(grads)
+            else:
+                self._plans[gi] = planning.make_group_plan(
+                    params, grads, names, self.state, self.param_groups[gi]["params"],
+                    self._packed, gi)
+                self._share_initial_loss(params)
+
+        inputs = self._step_inputs(loss, group, grad_scale, found_inf)
+        on_device = {}
+        for gi, group_dict in enumerate(self.param_groups):
+            plan = self._plans[gi]
+            if plan is not None and plan.buckets and actives[gi][0]:
+                planning.run(plan.buckets, Hyperparams.from_group(group_dict), inputs, on_device)
+        self._count_skip(inputs.take)
         return loss
 
-    def _loss_tensor(self, loss, group) -> torch.Tensor:
-        """The loss as a 0-dim tensor, averaged over `group` when there is one."""
-        device = self._first_device()
-        if isinstance(loss, torch.Tensor):
-            loss_t = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
-            if not loss_t.is_floating_point():
-                loss_t = loss_t.to(torch.float32)
-        else:
-            loss_t = torch.tensor(float(loss), dtype=torch.float64, device=device)
+    def _step_inputs(self, loss, group, grad_scale, found_inf) -> StepInputs:
+        """The loss (averaged over `group`), the skip decision and f_1, on the home device."""
+        device = self._initial_loss.device
+        loss_t = losses.as_tensor(loss, device)
         if group is not None:
-            import torch.distributed as dist
-
-            loss_t = loss_t.to(device, dtype=torch.float32, copy=True)
-            dist.all_reduce(loss_t, op=dist.ReduceOp.SUM, group=group)
-            loss_t /= dist.get_world_size(group)
-        return loss_t
-
-    def _first_device(self) -> torch.device:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
-
-    def _count_skip(self, take: torch.Tensor | None) -> None:
-        if self._skipped is None:
-            device = take.device if take is not None else self._first_device()
-            self._skipped = torch.zeros((), dtype=torch.float64, device=device)
-        if take is None:
-            self._skipped += 1
-        else:  # skipped += 1 - take, in place on the device
-            self._skipped.sub_(take.to(self._skipped.device, non_blocking=True)).add_(1)
-
-    # ------------------------------------------------------------------ planning a group
+            loss_t = losses.average(loss_t, group)
+        take = losses.decide_take(loss_t, found_inf)
+        losses.record_initial_loss(self._initial_loss, loss_t, take)
+        self._taken = take
+        return StepInputs(loss_t, take, grad_scale, self._initial_loss)
 
     def _active(self, gi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params = [p for p in self.param_groups[gi]["params"] if p.grad is not None]
         return params, [p.grad for p in params]
 
-    def _plan_change(self, gi: int, params, grads) -> str | None:
-        """None if the group's plan still holds, "grads" if only gradients moved, else "all"."""
-        plan = self._plans[gi]
-        if plan is None:
-            return "all"
-        if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
-            return "all"
-        try:
-            key = Bucket.storage_key(params, grads)
-        except RuntimeError:  # e.g. a sparse gradient has no data pointer: revalidate
-            return "all"
-        if key == plan.key:
-            return None
-        return "grads" if key[: len(params)] == plan.key[: len(params)] else "all"
+    def _home_device(self) -> torch.device:
+        """Where f_1, the skip decision and the skip count live: the first parameter's device."""
+        if self._initial_loss is not None:
+            return self._initial_loss.device
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
 
-    def _validate_group_tensors(self, gi: int, params, grads) -> None:
-        chosen = {}  # (device, dtype) -> backend name
-        for p, g in zip(params, grads):
-            check_param(p)
-            check_grad(p, g)
-            key = (p.device, p.dtype)
-            if key not in chosen:
-                chosen[key] = backends.select(self.backend, p.device, p.dtype)
-            if backends.is_fused(chosen[key]):
-                check_kernel_layout(p, [g], chosen[key])
-            st = self.state.get(p)
-            if st and "exp_avg" in st:
-                for name in ("exp_avg", "exp_avg_sq"):
-                    if st[name].shape != p.shape:
-                        raise ValueError(
-                            f"state {name!r} has shape {tuple(st[name].shape)}, "
-                            f"its parameter {tuple(p.shape)}"
-                        )
+    def _share_initial_loss(self, params) -> None:
+        if self._initial_loss is None:
+            self._initial_loss = losses.new_initial_loss(self._home_device())
+        for p in params:
+            self.state[p]["initial_loss"] = self._initial_loss
 
-    def _validate_new_grads(self, gi: int, grads) -> None:
-        """The parameters are those of the plan, unchanged: only their gradients are new."""
-        plan = self._plans[gi]
-        for (bucket, name), idx in zip(plan.buckets, plan.members):
-            fused = backends.is_fused(name)
-            for p, i in zip(bucket.params, idx):
-                g = grads[i]
-                check_grad(p, g)
-                if fused and g.stride() != p.stride():
-                    check_kernel_layout(p, [g], name)
-
-    def _rebuild_plan(self, gi: int, params, grads) -> None:
-        by_bucket: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_bucket.setdefault((p.device, p.dtype), []).append(i)
-        buckets, members = [], []
-        for (device, dtype), idx in by_bucket.items():
-            self._pack_state(gi, device, dtype, [params[i] for i in idx])
-            views = [self.state[params[i]] for i in idx]
-            bucket = Bucket(
-                [params[i] for i in idx],
-                [grads[i] for i in idx],
-                *([st[key] for st in views]
-                  for key in ("exp_avg", "exp_avg_sq", "step", "initial_loss")),
-            )
-            buckets.append((bucket, backends.select(self.backend, device, dtype)))
-            members.append(idx)
-        self._plans[gi] = _GroupPlan(params, Bucket.storage_key(params, grads), buckets, members)
-
-    def _replace_grads(self, gi: int, params, grads) -> None:
-        plan = self._plans[gi]
-        for (bucket, _), idx in zip(plan.buckets, plan.members):
-            bucket.replace_grads([grads[i] for i in idx])
-        plan.key = Bucket.storage_key(params, grads)
-
-    def _pack_state(self, gi, device, dtype, active: list[torch.Tensor]) -> None:
-        """Lay out the state of (group, device, dtype) in flat buffers, unless it already is,
-        with every parameter of `active` among its members."""
-        key = (gi, device, dtype)
-        if key in self._packed and all(id(p) in self._packed[key] for p in active):
-            return
-        # Members: every parameter of the bucket that has state, plus the active ones.
-        active_ids = {id(p) for p in active}
-        members = [
-            p
-            for p in self.param_groups[gi]["params"]
-            if p.device == device and p.dtype == dtype
-            and (id(p) in active_ids or "exp_avg" in self.state.get(p, {}))
-        ]
-        _pack(members, self.state)
-        self._packed[key] = {id(p) for p in members}
+    def _count_skip(self, take: torch.Tensor | None) -> None:
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.float64, device=self._home_device())
+        if take is None:
+            self._skipped += 1
+        else:  # skipped += 1 - take, in place on the device
+            self._skipped.sub_(losses.move(take, self._skipped.device)).add_(1)
 
 
-def _validate_group(group: dict) -> None:
-    validate_hyperparameters(
-        group["lr"], group["betas"], group["eps"], group["gamma"], group["phi"],
-        group["loss_offset"], group["normalize_loss"], group["weight_decay"],
-        group["decoupled_weight_decay"], group["maximize"],
-    )
+@contextmanager
+def _hooks_held(opt: torch.optim.Optimizer):
+    """Run torch.optim's load_state_dict without its hooks (AdamL runs them itself)."""
+    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
+    opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    opt._optimizer_load_state_dict_post_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks = pre
+        opt._optimizer_load_state_dict_post_hooks = post
 
 
-def _loss_process_group(loss_group):
-    if loss_group is None:
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = dist.group.WORLD if loss_group == "world" else loss_group
-    return group if dist.get_world_size(group) > 1 else None
+def _copy_out(value):
+    """A saved copy of a state value: tensors cloned out of the flat buffers, the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copy_out(v) for k, v in value.items()}
+    return value
 
 
-def _import_param_state(p: torch.Tensor, saved: dict) -> dict:
+def _import_param_state(p: torch.Tensor, saved) -> dict:
     """A saved per-parameter state (AdamL's or torch.optim.Adam's) on p's device, AdamL dtypes."""
+    if not isinstance(saved, dict):
+        return saved
     mdt = moment_dtype(p.dtype)
     out = {}
     for key, value in saved.items():
@@ -391,44 +353,22 @@ def _import_param_state(p: torch.Tensor, saved: dict) -> dict:
         elif key == "step":
             value = torch.as_tensor(value, dtype=torch.float32).to(p.device, copy=True)
         elif key == "initial_loss":
-            value = torch.as_tensor(value, dtype=mdt).to(p.device, copy=True)
+            value = torch.as_tensor(value, dtype=torch.float64).to(p.device, copy=True)
         elif isinstance(value, torch.Tensor):
             value = value.to(p.device, copy=True)  # e.g. Adam's max_exp_avg_sq, kept as is
         out[key] = value
     return out
 
 
-def _pack(members: list[torch.Tensor], state) -> None:
-    """Lay the state of `members` out in flat buffers and make their state entries views of them.
-
-    Existing values (from earlier steps or a loaded checkpoint) are copied in; new parameters
-    start with zero moments, step 0 and no f_1.
-    """
-    device, dtype = members[0].device, members[0].dtype
-    mdt = moment_dtype(dtype)
-    element = torch.empty((), dtype=mdt).element_size()
-    align = _ALIGN_BYTES // element
-    offsets, total = [], 0
-    for p in members:
-        offsets.append(total)
-        total += -(-p.numel() // align) * align
-    # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
-    second_row = total + _ROW_GAP_BYTES // element
-    buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
-    steps = torch.zeros(len(members), dtype=torch.float32, device=device)
-    initial_losses = torch.full((len(members),), math.nan, dtype=mdt, device=device)
-    for i, (p, off) in enumerate(zip(members, offsets)):
-        st = state[p]
-        # Same strides as the parameter, so element i of the moments belongs to element i of
-        # the parameter in memory order too (channels_last weights, transposed views).
-        stride = p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
-        views = {
-            "step": steps[i],
-            "exp_avg": buffer.as_strided(p.shape, stride, off),
-            "exp_avg_sq": buffer.as_strided(p.shape, stride, second_row + off),
-            "initial_loss": initial_losses[i],
-        }
-        for key, view in views.items():
-            if key in st:
-                view.copy_(st[key])
-            st[key] = view
+def _first_initial_loss(states, device: torch.device) -> torch.Tensor | None:
+    """f_1 from loaded per-parameter states: the first value that is set (every AdamL state
+    holds the same one; older checkpoints kept one per parameter)."""
+    found = None
+    for st in states:
+        if isinstance(st, dict) and "initial_loss" in st:
+            value = st["initial_loss"]
+            if found is None or (math.isnan(found) and not math.isnan(float(value))):
+                found = float(value)
+    if found is None:
+        return None
+    return torch.tensor(found, dtype=torch.float64).to(device)

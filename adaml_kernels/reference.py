@@ -12,40 +12,37 @@ from __future__ import annotations
 import torch
 
 from .buckets import Bucket, moment_dtype
-from .functional import L_MIN, Hyperparams
+from .hyperparams import Hyperparams
+from .loss import L_MIN, StepInputs, move
 
 
-def step(bucket: Bucket, hp: Hyperparams, loss, take, grad_scale) -> None:
-    taken = take.bool()
-    scalar_dtype = torch.float32 if loss.device.type == "mps" else torch.float64
-    loss = loss.to(scalar_dtype)
+def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
+    taken = inputs.take.bool()
+    scalar_dtype = torch.float32 if inputs.loss.device.type == "mps" else torch.float64
+    loss = inputs.loss.to(scalar_dtype)
+    f1 = inputs.initial_loss.to(scalar_dtype) if hp.normalize_loss else None
+    lr = hp.lr
+    if isinstance(lr, torch.Tensor):  # any one-element shape acts as a scalar, never broadcasts
+        lr = move(lr.reshape(()), bucket.device)
     for i, p in enumerate(bucket.params):
-        f1 = bucket.initial_losses[i] if hp.normalize_loss else None
         _update(
             p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], bucket.steps[i], f1,
-            hp, loss, taken, grad_scale,
+            hp, lr, loss, taken, inputs.grad_scale,
         )
 
 
-def _update(p, g, m, w, step, f1, hp: Hyperparams, loss, taken, grad_scale) -> None:
+def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale) -> None:
     compute = moment_dtype(p.dtype)
+    big = torch.finfo(compute).max
 
-    # 1. scaled loss
-    if hp.normalize_loss:
-        # f_1 is the first loss as kept in state (the moment dtype), also on the first step.
-        first_loss = torch.where(torch.isnan(f1), loss.to(f1.dtype), f1)
-        f1.copy_(torch.where(taken, first_loss, f1))
-        first_loss = first_loss.to(loss.dtype)
-        scale = torch.clamp(first_loss - hp.loss_offset, min=L_MIN)
-    else:
-        scale = 1.0
+    # 1. scaled loss (f_1 is recorded once per optimizer, before the buckets run)
+    scale = torch.clamp(f1 - hp.loss_offset, min=L_MIN) if hp.normalize_loss else 1.0
     l = torch.clamp((loss - hp.loss_offset) / scale, min=L_MIN)
 
     # 2. k: the step count, already advanced by the caller
     k = step.to(loss.dtype)
 
     # 3. gradient transforms and weight decay
-    lr = hp.lr
     g = g.to(compute)
     param = p.to(compute)
     if hp.maximize:
@@ -61,7 +58,14 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, loss, taken, grad_scale) -> N
     # 4-5. moments
     b1, b2 = hp.beta1, hp.beta2
     m_new = b1 * m + (1 - b1) * g
-    w_new = b2 * w + (1 - b2) * g * g / (hp.gamma * l**hp.phi) + hp.eps * l
+    # Finite inputs never give NaN: w saturates at the largest finite value (SPEC.md,
+    # Precision), and a coefficient beyond the compute dtype is applied as (g * sqrt(coef))^2.
+    coef = (1 - b2) / (hp.gamma * l**hp.phi)  # float64, may be inf
+    split = coef > big
+    root = torch.clamp(coef.sqrt(), max=big).to(compute)
+    capped = torch.clamp(coef, max=big).to(compute) * (g * g).clamp(max=big)
+    term = torch.where(split, (g * root) * (g * root), capped)
+    w_new = (b2 * w + term + torch.clamp(hp.eps * l, max=big).to(compute)).clamp(max=big)
 
     # 6-7. bias correction and parameter update
     m_hat = m_new / (1 - b1**k)

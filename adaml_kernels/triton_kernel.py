@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .buckets import CHUNK, TABLE_COLUMNS, Bucket, build_table, rows_aligned, table_matches
-from .functional import L_MIN, Hyperparams
+from .hyperparams import Hyperparams
+from .loss import L_MIN, StepInputs
 
 _TRITON_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -32,6 +33,7 @@ _TRITON_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfl
 NO_DECAY = tl.constexpr(0)
 L2_DECAY = tl.constexpr(1)
 DECOUPLED_DECAY = tl.constexpr(2)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -51,7 +53,8 @@ def _round_to(x, PARAM: tl.constexpr):
 @triton.jit
 def _update_chunk(
     p_ptr, g_ptr, m_ptr, w_ptr, offs, mask, grad_scale,
-    beta1, one_minus_beta1, beta2, coef_g2, coef_eps, step_size, weight_decay, decay,
+    beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
+    weight_decay, decay,
     PARAM: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     DECAY_MODE: tl.constexpr,
 ):
@@ -68,7 +71,14 @@ def _update_chunk(
     if DECAY_MODE == DECOUPLED_DECAY:
         p = p * decay
     m = beta1 * m + one_minus_beta1 * g
-    w = beta2 * w + coef_g2 * (g * g) + coef_eps
+    # Finite inputs never give NaN (as in csrc/adaml_update.h): g*g is capped so that a zero
+    # coefficient cannot meet inf, a coefficient beyond float32 is applied as (g * root)^2, and
+    # w saturates at float32's largest value (a NaN that came in stays NaN).
+    g2 = g * g
+    g2 = tl.where(g2 > FLOAT32_MAX, FLOAT32_MAX, g2)
+    term = tl.where(split_g2, (g * root_g2) * (g * root_g2), coef_g2 * g2)
+    w = beta2 * w + term + coef_eps
+    w = tl.where(w > FLOAT32_MAX, FLOAT32_MAX, w)
     # IEEE division and square root keep the result within an ulp or two of the reference;
     # where w == 0 the quotient is 0 (and no 0/0 is formed).
     nonzero = w != 0.0
@@ -81,7 +91,7 @@ def _update_chunk(
 
 @triton.jit
 def adaml_kernel(
-    rows_ptr, chunk_tensor_ptr, loss_ptr, take_ptr, lr_ptr, grad_scale_ptr,
+    rows_ptr, chunk_tensor_ptr, loss_ptr, take_ptr, lr_ptr, grad_scale_ptr, initial_loss_ptr,
     lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2,
     eps, gamma, phi_hi, phi_lo, loss_offset_hi, loss_offset_lo, weight_decay,
     PARAM: tl.constexpr, NORMALIZE: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -128,14 +138,8 @@ def adaml_kernel(
     # Step-dependent scalars, once per program, in float64.
     loss = tl.load(loss_ptr).to(tl.float64)
     if NORMALIZE:
-        f1_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        f1 = tl.load(f1_ptr)
-        # NaN: no step taken yet, this loss is f_1 (as stored: float32, on every path).
-        f1 = tl.where(f1 != f1, loss.to(tl.float32), f1).to(tl.float64)
-        # Only the tensor's first chunk records f_1. Programs that read it concurrently get
-        # either NaN or the stored value, and both give the same f_1: the race is harmless.
-        if take & (start == 0):
-            tl.store(f1_ptr, f1.to(tl.float32))
+        # f_1 (float64) is recorded before the launch, once for the whole optimizer.
+        f1 = tl.load(initial_loss_ptr)
         scale = tl.maximum(f1 - loss_offset, L_MIN)
         l = tl.maximum((loss - loss_offset) / scale, L_MIN)
     else:
@@ -145,8 +149,11 @@ def adaml_kernel(
     k = tl.maximum(tl.load(step_ptr).to(tl.float64), 1.0)  # 0 only on a skipped first step
     bias1 = 1.0 - tl.exp(k * log_beta1)  # 1 - beta1^k; log_beta1 = -inf when beta1 = 0
     bias2 = 1.0 - tl.exp(k * log_beta2)
-    coef_g2 = (one_minus_beta2 / (gamma * tl.exp(phi * tl.log(l)))).to(tl.float32)
-    coef_eps = (eps * l).to(tl.float32)
+    coef = one_minus_beta2 / (gamma * tl.exp(phi * tl.log(l)))  # may be inf
+    split_g2 = coef > FLOAT32_MAX
+    coef_g2 = tl.minimum(coef, FLOAT32_MAX).to(tl.float32)
+    root_g2 = tl.minimum(tl.sqrt(coef), FLOAT32_MAX).to(tl.float32)
+    coef_eps = tl.minimum(eps * l, FLOAT32_MAX).to(tl.float32)
     # m_hat / sqrt(w_hat) = m / sqrt(w) * sqrt(bias2) / bias1
     step_size = (lr * tl.sqrt(bias2) / bias1).to(tl.float32)
     decay = (1.0 - lr * weight_decay64).to(tl.float32)
@@ -159,14 +166,14 @@ def adaml_kernel(
         # Full chunk: no mask, so aligned data is moved with 16-byte vector accesses.
         _update_chunk(
             p_ptr, g_ptr, m_ptr, w_ptr, offs, None, grad_scale,
-            beta1, one_minus_beta1, beta2, coef_g2, coef_eps, step_size, weight_decay, decay,
-            PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+            beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
+            weight_decay, decay, PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
         )
     else:
         _update_chunk(
             p_ptr, g_ptr, m_ptr, w_ptr, offs, offs < numel, grad_scale,
-            beta1, one_minus_beta1, beta2, coef_g2, coef_eps, step_size, weight_decay, decay,
-            PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+            beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
+            weight_decay, decay, PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
         )
 
 
@@ -187,7 +194,7 @@ def _log(beta: float) -> float:
 
 @torch.library.custom_op(
     "adaml_kernels::triton_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "initial_losses"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs"),
 )
 def triton_step_(
     params: list[torch.Tensor],
@@ -195,7 +202,7 @@ def triton_step_(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
-    initial_losses: list[torch.Tensor],
+    initial_loss: Optional[torch.Tensor],
     rows: torch.Tensor,
     rows_host: torch.Tensor,
     chunk_tensor: torch.Tensor,
@@ -218,17 +225,17 @@ def triton_step_(
     """One AdamL step over the tensors of a bucket, in one launch (schema: Bucket.fused_op_args)."""
     if not params:
         return
-    if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses):
+    if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps):
         num_chunks, aligned = chunk_tensor.numel(), rows_aligned(rows_host)
     else:  # copies of the tensors (torch.compile): point a fresh table at them
-        table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses)
+        table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps)
         rows, chunk_tensor, num_chunks, aligned = (
             table.rows, table.chunk_tensor, table.num_chunks, table.aligned
         )
     if num_chunks == 0:
         return
-    if normalize_loss and not initial_losses:
-        raise ValueError("normalize_loss=True needs initial_losses")
+    if normalize_loss and initial_loss is None:
+        raise ValueError("normalize_loss=True needs initial_loss (f_1)")
     if weight_decay == 0:
         decay_mode = NO_DECAY.value
     else:
@@ -239,6 +246,7 @@ def triton_step_(
             rows, chunk_tensor, loss, take,
             take if lr_tensor is None else lr_tensor,  # unused unless LR_IS_TENSOR
             take if grad_scale is None else grad_scale,  # unused unless HAS_GRAD_SCALE
+            take if initial_loss is None else initial_loss,  # unused unless NORMALIZE
             *map(_as_float32, (
                 lr, beta1, 1.0 - beta1, _log(beta1), beta2, 1.0 - beta2, _log(beta2), eps, gamma,
             )),
@@ -264,5 +272,5 @@ def _(*args) -> None:
     return None
 
 
-def step(bucket: Bucket, hp: Hyperparams, loss, take, grad_scale) -> None:
-    triton_step_(*bucket.fused_op_args(hp, loss, take, grad_scale))
+def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
+    triton_step_(*bucket.fused_op_args(hp, inputs))

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 
 #include "adaml_update.h"
 
@@ -34,6 +35,7 @@ struct LaunchArgs {
   const void* loss;
   const void* lr_tensor;   // nullptr: hyper.lr
   const void* grad_scale;  // nullptr: no grad scale
+  const double* initial_loss;  // f_1; nullptr unless normalize_loss
   int loss_type, lr_type, grad_scale_type;
   bool aligned;
   Hyper hyper;
@@ -66,18 +68,10 @@ template <typename T> __device__ __forceinline__ void store_pack(T* ptr, const P
 
 // The step's scalars for the tensor of `row`, in double; run by one thread per block. Not
 // inlined: one copy serves every instantiation of the kernel, which keeps compiling short.
-__device__ __noinline__ StepScalars<float> tensor_scalars(const LaunchArgs& a, const int64_t* row,
-                                                          int64_t start) {
+__device__ __noinline__ StepScalars<float> tensor_scalars(const LaunchArgs& a,
+                                                          const int64_t* row) {
   const double loss = load_scalar(a.loss, a.loss_type);
-  double f1 = 0.0;
-  if (a.hyper.normalize_loss) {
-    float* f1_ptr = reinterpret_cast<float*>(row[kInitialLossAddr]);
-    const double stored = *f1_ptr;
-    f1 = resolve_initial_loss<float>(stored, loss);
-    // Only the tensor's first chunk records f_1. Blocks that read it meanwhile see NaN or the
-    // value stored here, and resolve_initial_loss maps both to the same f_1.
-    if (start == 0 && stored != stored) *f1_ptr = static_cast<float>(f1);
-  }
+  const double f1 = a.initial_loss ? *a.initial_loss : 0.0;
   const double lr = a.lr_tensor ? load_scalar(a.lr_tensor, a.lr_type) : a.hyper.lr;
   const double scale = a.grad_scale ? load_scalar(a.grad_scale, a.grad_scale_type) : 1.0;
   const double k = *reinterpret_cast<const float*>(row[kStepAddr]);
@@ -95,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   const int64_t start = (chunk - row[kFirstChunk]) * kChunk;
 
   __shared__ StepScalars<float> shared;
-  if (threadIdx.x == 0) shared = tensor_scalars(a, row, start);
+  if (threadIdx.x == 0) shared = tensor_scalars(a, row);
   __syncthreads();
   const StepScalars<float> s = shared;
 
@@ -164,7 +158,7 @@ void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream, int decay
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps,
-                     at::TensorList initial_losses, const at::Tensor& rows,
+                     const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
                      const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                      const at::Tensor& loss, const at::Tensor& take,
                      const std::optional<at::Tensor>& lr_tensor,
@@ -172,7 +166,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double beta2, double eps, double gamma, double phi, double loss_offset,
                      double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
                      bool maximize) {
-  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses,
+  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss,
                                     rows, rows_host, chunk_tensor, loss, take, lr_tensor,
                                     grad_scale, normalize_loss, c10::DeviceType::CUDA);
   if (params.empty()) return;
@@ -180,9 +174,9 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const bool capturing =
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const KernelTable table =
-      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses, rows, rows_host,
-                    chunk_tensor, /*allow_rebuild=*/!capturing);
-  const int64_t blocks = table.num_chunks;  // an empty tensor has one, to record f_1
+      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, rows, rows_host, chunk_tensor,
+                    /*allow_rebuild=*/!capturing);
+  const int64_t blocks = table.num_chunks;  // an empty tensor has one (a block with no work)
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "adaml_kernels::fused_step_: a bucket of ", table.num_chunks,
               " chunks exceeds one launch's grid");
@@ -198,6 +192,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   a.lr_type = lr_tensor ? scalar_type_code(*lr_tensor) : kFloat32;
   a.grad_scale = grad_scale ? grad_scale->const_data_ptr() : nullptr;
   a.grad_scale_type = grad_scale ? scalar_type_code(*grad_scale) : kFloat32;
+  a.initial_loss = initial_loss ? initial_loss->const_data_ptr<double>() : nullptr;
   a.aligned = table.aligned;
   a.hyper = make_hyper(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay,
                        normalize_loss);
@@ -219,7 +214,24 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   }
 }
 
+// Why the kernel cannot run on GPU `device` ("" if it can): the build's architecture list may
+// hold no code for it (e.g. a V100 or T4 under the default sm_80, sm_90 + PTX).
+std::string cuda_kernel_error(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attributes, adaml_kernel<kFloat32, kNoDecay, false, false>);
+  if (err == cudaSuccess) return "";
+  (void)cudaGetLastError();  // not sticky, but leave no error behind for the next caller
+  return cudaGetErrorString(err);
+}
+
 }  // namespace
 }  // namespace adaml
+
+TORCH_LIBRARY_FRAGMENT(adaml_kernels, m) {
+  // Registered only where the CUDA kernel is built: its absence means "no CUDA kernel".
+  m.def("cuda_kernel_error(int device) -> str", &adaml::cuda_kernel_error);
+}
 
 TORCH_LIBRARY_IMPL(adaml_kernels, CUDA, m) { m.impl("fused_step_", &adaml::fused_step_cuda); }

@@ -47,7 +47,7 @@ int64_t address(const at::Tensor& t) {
   return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
 }
 
-// At least one chunk per tensor, as in buckets.py: an empty tensor still records f_1.
+// At least one chunk per tensor, as in buckets.py (the chunk map has a row for every tensor).
 int64_t chunks_of(int64_t numel) { return std::max<int64_t>(1, (numel + kChunk - 1) / kChunk); }
 
 // The kernels walk each tensor as one flat array from its data pointer: every tensor must be
@@ -76,7 +76,7 @@ void check_zero_dim(const at::Tensor& t, const char* name, const at::Device& dev
 
 int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps,
-                    at::TensorList initial_losses, const at::Tensor& rows,
+                    const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                     const at::Tensor& loss, const at::Tensor& take,
                     const std::optional<at::Tensor>& lr_tensor,
@@ -88,9 +88,8 @@ int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList 
   for (const auto& [list, name] : lists) {
     TORCH_CHECK(list.size() == n, kOp, name, " has ", list.size(), " tensors, params has ", n);
   }
-  TORCH_CHECK(initial_losses.size() == n || (initial_losses.empty() && !normalize_loss), kOp,
-              "initial_losses has ", initial_losses.size(), " tensors, params has ", n,
-              normalize_loss ? " (normalize_loss=True needs one per param)" : "");
+  TORCH_CHECK(initial_loss.has_value() || !normalize_loss, kOp,
+              "normalize_loss=True needs initial_loss (f_1)");
 
   const at::Device device = n > 0 ? params[0].device() : take.device();
   TORCH_CHECK(device.type() == device_type, kOp, "this is the ", device_type,
@@ -100,6 +99,11 @@ int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK(take.scalar_type() == at::kFloat, kOp, "take must be float32");
   if (lr_tensor.has_value()) check_zero_dim(*lr_tensor, "lr_tensor", device);
   if (grad_scale.has_value()) check_zero_dim(*grad_scale, "grad_scale", device);
+  if (initial_loss.has_value()) {
+    check_zero_dim(*initial_loss, "initial_loss", device);
+    TORCH_CHECK(initial_loss->scalar_type() == at::kDouble, kOp,
+                "initial_loss must be float64");
+  }
 
   const int64_t rows_n = static_cast<int64_t>(n);
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == rows_n &&
@@ -140,19 +144,12 @@ int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
                     steps[i].device() == device,
                 kOp, "steps[", i, "] must be a one-element float32 tensor on ", device);
-    if (!initial_losses.empty()) {
-      const at::Tensor& f1 = initial_losses[i];
-      TORCH_CHECK(f1.numel() == 1 && f1.scalar_type() == moment && f1.device() == device, kOp,
-                  "initial_losses[", i, "] must be a one-element ", moment, " tensor on ",
-                  device);
-    }
   }
   return scalar_type_code(params[0]);
 }
 
 KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList steps,
-                          at::TensorList initial_losses, const at::Tensor& rows,
+                          at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& rows,
                           const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                           bool allow_rebuild) {
   const int64_t n = static_cast<int64_t>(params.size());
@@ -166,7 +163,7 @@ KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::Tenso
     row[kExpAvgAddr] = address(exp_avgs[i]);
     row[kExpAvgSqAddr] = address(exp_avg_sqs[i]);
     row[kStepAddr] = address(steps[i]);
-    row[kInitialLossAddr] = initial_losses.empty() ? 0 : address(initial_losses[i]);
+    row[kUnused] = 0;
     row[kNumel] = params[i].numel();
     row[kFirstChunk] = num_chunks;
     num_chunks += chunks_of(row[kNumel]);
@@ -365,21 +362,14 @@ constexpr int64_t kGrainChunks = 4;
 
 template <int PT>
 void run_cpu(const KernelTable& table, int64_t num_tensors, const Hyper& h, double loss,
-             double lr, double grad_scale, int decay_mode, bool maximize, bool has_grad_scale) {
+             double f1, double lr, double grad_scale, int decay_mode, bool maximize,
+             bool has_grad_scale) {
   using C = typename Param<PT>::compute;
   const int64_t* rows = table.rows.const_data_ptr<int64_t>();
-  // Per-tensor scalars and f_1 first, serially: every chunk then sees the same f_1.
   std::vector<StepScalars<C>> scalars(num_tensors);
   for (int64_t i = 0; i < num_tensors; ++i) {
     const int64_t* row = rows + i * kColumns;
     const double k = *reinterpret_cast<const float*>(row[kStepAddr]);
-    double f1 = 0.0;
-    if (h.normalize_loss) {
-      C* f1_ptr = reinterpret_cast<C*>(row[kInitialLossAddr]);
-      const double stored = *f1_ptr;
-      f1 = resolve_initial_loss<C>(stored, loss);
-      if (stored != stored) *f1_ptr = static_cast<C>(f1);
-    }
     scalars[i] = step_scalars<C>(h, loss, f1, k, lr, grad_scale);
   }
   if (table.num_chunks == 0) return;
@@ -400,7 +390,7 @@ void run_cpu(const KernelTable& table, int64_t num_tensors, const Hyper& h, doub
 
 void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps,
-                    at::TensorList initial_losses, const at::Tensor& rows,
+                    const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                     const at::Tensor& loss, const at::Tensor& take,
                     const std::optional<at::Tensor>& lr_tensor,
@@ -408,16 +398,17 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta2, double eps, double gamma, double phi, double loss_offset,
                     double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
                     bool maximize) {
-  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses,
+  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss,
                                     rows, rows_host, chunk_tensor, loss, take, lr_tensor,
                                     grad_scale, normalize_loss, c10::DeviceType::CPU);
   if (params.empty()) return;
   // A skipped step reads and writes nothing else.
   if (*take.const_data_ptr<float>() == 0.0f) return;
   const KernelTable table =
-      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, initial_losses, rows, rows_host,
-                    chunk_tensor, /*allow_rebuild=*/true);
+      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, rows, rows_host, chunk_tensor,
+                    /*allow_rebuild=*/true);
   const double loss_value = load_scalar(loss.const_data_ptr(), scalar_type_code(loss));
+  const double f1 = initial_loss ? *initial_loss->const_data_ptr<double>() : 0.0;
   const double lr_value =
       lr_tensor ? load_scalar(lr_tensor->const_data_ptr(), scalar_type_code(*lr_tensor)) : lr;
   const double scale =
@@ -430,16 +421,20 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const bool has_scale = grad_scale.has_value();
   switch (ptype) {
     case kFloat64:
-      run_cpu<kFloat64>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      run_cpu<kFloat64>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
+                         has_scale);
       break;
     case kFloat16:
-      run_cpu<kFloat16>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      run_cpu<kFloat16>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
+                         has_scale);
       break;
     case kBFloat16:
-      run_cpu<kBFloat16>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      run_cpu<kBFloat16>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
+                          has_scale);
       break;
     default:
-      run_cpu<kFloat32>(table, n, h, loss_value, lr_value, scale, decay_mode, maximize, has_scale);
+      run_cpu<kFloat32>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
+                         has_scale);
       break;
   }
 }
@@ -455,7 +450,7 @@ TORCH_LIBRARY(adaml_kernels, m) {
   // Same arguments, same order, as adaml_kernels::triton_step_ (Bucket.fused_op_args).
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor(d!)[] initial_losses, Tensor rows, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor? initial_loss, Tensor rows, "
       "Tensor rows_host, Tensor chunk_tensor, Tensor loss, Tensor take, Tensor? lr_tensor, "
       "Tensor? grad_scale, float lr, float beta1, float beta2, float eps, float gamma, "
       "float phi, float loss_offset, float weight_decay, bool normalize_loss, "

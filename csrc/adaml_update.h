@@ -35,7 +35,7 @@ enum Column : int {
   kExpAvgAddr = 2,
   kExpAvgSqAddr = 3,
   kStepAddr = 4,         // float32, 0-dim: the step count k, already advanced
-  kInitialLossAddr = 5,  // moment dtype, 0-dim: f_1 (NaN until the first step taken), or 0
+  kUnused = 5,           // 0 (f_1 is one value per optimizer, passed to the op on its own)
   kNumel = 6,
   kFirstChunk = 7,
 };
@@ -154,9 +154,17 @@ struct Hyper {
 };
 
 // What one tensor's elements need of the step, computed once per tensor in double.
+template <typename C> ADAML_HD constexpr C max_finite();
+template <> ADAML_HD constexpr float max_finite<float>() { return 3.40282346638528859812e+38F; }
+template <> ADAML_HD constexpr double max_finite<double>() { return 1.79769313486231570815e+308; }
+
 template <typename C> struct StepScalars {
   C beta1, one_minus_beta1, beta2;
-  C coef_g2;    // (1 - b2) / (gamma * l^phi)
+  // The adaptive term (1 - b2) g^2 / (gamma * l^phi). Its coefficient can exceed C's range
+  // (phi = 4 with l at its floor gives 1e45): then the term is (g * root)^2, root = sqrt(coef).
+  C coef_g2;
+  C root_g2;
+  bool split_g2;
   C coef_eps;   // eps * l
   C step_size;  // lr * sqrt(1 - b2^k) / (1 - b1^k):  m_hat / sqrt(w_hat) = m / sqrt(w) * this / lr
   C weight_decay;
@@ -164,14 +172,7 @@ template <typename C> struct StepScalars {
   C grad_scale;
 };
 
-// f_1 as every kernel reads it: the stored value, or (NaN: no step taken yet) this step's loss
-// rounded to the moment dtype C, which is what the tensor's first chunk stores. Readers that
-// race with that store thus all see the same f_1.
-template <typename C> ADAML_HD double resolve_initial_loss(double stored, double loss) {
-  return stored != stored ? static_cast<double>(static_cast<C>(loss)) : stored;
-}
-
-// SPEC.md steps 1 and 6, for one tensor: k is its (advanced) step count, f1 its resolved f_1
+// SPEC.md steps 1 and 6, for one tensor: k is its (advanced) step count, f1 the optimizer's f_1
 // (ignored unless normalize_loss), lr the learning rate of this step.
 template <typename C>
 ADAML_HD StepScalars<C> step_scalars(const Hyper& h, double loss, double f1, double k, double lr,
@@ -189,8 +190,12 @@ ADAML_HD StepScalars<C> step_scalars(const Hyper& h, double loss, double f1, dou
   s.beta1 = static_cast<C>(h.beta1);
   s.one_minus_beta1 = static_cast<C>(1.0 - h.beta1);
   s.beta2 = static_cast<C>(h.beta2);
-  s.coef_g2 = static_cast<C>((1.0 - h.beta2) / (h.gamma * ::pow(l, h.phi)));
-  s.coef_eps = static_cast<C>(h.eps * l);
+  const double big = static_cast<double>(max_finite<C>());
+  const double coef = (1.0 - h.beta2) / (h.gamma * ::pow(l, h.phi));  // may be inf
+  s.split_g2 = !(coef <= big);
+  s.coef_g2 = static_cast<C>(s.split_g2 ? big : coef);
+  s.root_g2 = static_cast<C>(::fmin(::sqrt(coef), big));
+  s.coef_eps = static_cast<C>(::fmin(h.eps * l, big));
   s.step_size = static_cast<C>(lr * ::sqrt(bias2) / bias1);
   s.weight_decay = static_cast<C>(h.weight_decay);
   s.decay = static_cast<C>(1.0 - lr * h.weight_decay);
@@ -235,7 +240,15 @@ ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s) {
   if (kDecay == kL2Decay) g = g + s.weight_decay * p;
   if (kDecay == kDecoupledDecay) p = p * s.decay;
   m = s.beta1 * m + s.one_minus_beta1 * g;
-  w = s.beta2 * w + s.coef_g2 * (g * g) + s.coef_eps;
+  // Finite inputs never give NaN (SPEC.md, Precision): g*g is capped so that a zero
+  // coefficient cannot meet inf, and w saturates at C's largest value. `x > big ? big : x`
+  // keeps a NaN that came in as NaN.
+  constexpr C big = max_finite<C>();
+  const C g2 = g * g;
+  const C split = (g * s.root_g2) * (g * s.root_g2);
+  const C term = s.split_g2 ? split : s.coef_g2 * (g2 > big ? big : g2);
+  w = s.beta2 * w + term + s.coef_eps;
+  w = w > big ? big : w;
   // Computed unconditionally and then selected, so that the loop stays branch-free (SIMD).
   const C quotient = ieee_div(m, ieee_sqrt(w));
   p = p - s.step_size * (w == C(0) ? C(0) : quotient);
@@ -264,7 +277,7 @@ struct KernelTable {
 // dtypes on one device of `device_type`. Returns the parameters' dtype code.
 int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps,
-                    at::TensorList initial_losses, const at::Tensor& rows,
+                    const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                     const at::Tensor& loss, const at::Tensor& take,
                     const std::optional<at::Tensor>& lr_tensor,
@@ -276,8 +289,7 @@ int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList 
 // false turns the rebuild into an error (a CUDA graph being captured must not copy from the
 // host).
 KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList steps,
-                          at::TensorList initial_losses, const at::Tensor& rows,
+                          at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& rows,
                           const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                           bool allow_rebuild);
 

@@ -14,11 +14,12 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from adaml_kernels.buckets import CHUNK, TABLE_COLUMNS
-from adaml_kernels.functional import L_MIN
+from adaml_kernels.loss import L_MIN
 from adaml_kernels.triton_kernel import adaml_kernel
 
-POINTERS = ("rows_ptr", "chunk_tensor_ptr", "loss_ptr", "take_ptr", "lr_ptr", "grad_scale_ptr")
-POINTER_TYPES = ("*i64", "*i32", "*fp32", "*fp32", "*fp32", "*fp32")
+POINTERS = ("rows_ptr", "chunk_tensor_ptr", "loss_ptr", "take_ptr", "lr_ptr", "grad_scale_ptr",
+            "initial_loss_ptr")
+POINTER_TYPES = ("*i64", "*i32", "*fp32", "*fp32", "*fp32", "*fp32", "*fp64")
 FLOATS = ("lr", "beta1", "one_minus_beta1", "log_beta1", "beta2", "one_minus_beta2",
           "log_beta2", "eps", "gamma", "phi_hi", "phi_lo", "loss_offset_hi", "loss_offset_lo",
           "weight_decay")

@@ -2,7 +2,7 @@
 
 Written straight from the spec, independently of the package's code. Parameters stored in a
 half type are rounded (to nearest, ties to even) on store, as the spec says; everything else
-stays in float64.
+stays in float64, except that w saturates at the largest finite value of the moment dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 L_MIN = 1e-12
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Significand bits (with the implicit one) and smallest subnormal step of each storage type.
 _STORAGE = {"float16": (11, 2.0**-24), "bfloat16": (8, 2.0**-133)}
@@ -54,7 +55,6 @@ class ParamState:
     m: np.ndarray = None
     w: np.ndarray = None
     k: int = 0
-    f1: float = math.nan
     storage: str = "float32"
 
     def __post_init__(self):
@@ -69,24 +69,24 @@ class Oracle:
     hp: Hyper
     params: list[ParamState] = field(default_factory=list)
     skipped: int = 0
+    f1: float = math.nan  # one value for the whole optimizer
 
     def step(self, grads: list[np.ndarray | None], loss: float, grad_scale: float | None = None,
              found_inf: bool = False) -> None:
         h = self.hp
+        if all(g is None for g in grads):  # no gradient anywhere: nothing happens
+            return
         if not math.isfinite(loss) or found_inf:  # 0. skip
             self.skipped += 1
             return
+        if math.isnan(self.f1):  # the loss of the optimizer's first step taken
+            self.f1 = loss
+        # 1. scaled loss
+        scale = max(self.f1 - h.loss_offset, L_MIN) if h.normalize_loss else 1.0
+        l = max((loss - h.loss_offset) / scale, L_MIN)
         for st, g in zip(self.params, grads):
             if g is None:  # parameters without a gradient are not stepped
                 continue
-            # 1. scaled loss
-            if h.normalize_loss:
-                if math.isnan(st.f1):
-                    st.f1 = loss
-                scale = max(st.f1 - h.loss_offset, L_MIN)
-            else:
-                scale = 1.0
-            l = max((loss - h.loss_offset) / scale, L_MIN)
             # 2.
             st.k += 1
             # 3.
@@ -103,6 +103,8 @@ class Oracle:
             # 4-5.
             st.m = h.beta1 * st.m + (1 - h.beta1) * g
             st.w = h.beta2 * st.w + (1 - h.beta2) * g**2 / (h.gamma * l**h.phi) + h.eps * l
+            if st.storage != "float64":  # float32 moments saturate (SPEC.md, Precision)
+                st.w = np.minimum(st.w, FLOAT32_MAX)
             # 6-7.
             m_hat = st.m / (1 - h.beta1**st.k)
             w_hat = st.w / (1 - h.beta2**st.k)

@@ -20,7 +20,8 @@ import torch
 import adaml_kernels
 from adaml_kernels import _extension, backends
 from adaml_kernels.buckets import CHUNK, Bucket, moment_dtype
-from adaml_kernels.functional import Hyperparams
+from adaml_kernels.hyperparams import Hyperparams
+from adaml_kernels.loss import StepInputs
 
 needs_ext = pytest.mark.skipif(
     _extension.load_error is not None, reason=f"adaml_kernels._C: {_extension.load_error}"
@@ -39,9 +40,9 @@ LOUD = Hyperparams(lr=1e-2, beta1=0.8, beta2=0.95, eps=1e-3, gamma=0.6, phi=1.3,
                    decoupled_weight_decay=True, maximize=True)
 
 
-def make_bucket(sizes, dtype, *, device="cpu", normalize=True, seed=0, offset=0) -> Bucket:
-    """Random params, grads and moments, step 3, f_1 not set yet. `offset` > 0 makes every
-    tensor a view that starts `offset` elements into its storage (unaligned addresses)."""
+def make_bucket(sizes, dtype, *, device="cpu", seed=0, offset=0) -> Bucket:
+    """Random params, grads and moments, step 3. `offset` > 0 makes every tensor a view that
+    starts `offset` elements into its storage (unaligned addresses)."""
     gen = torch.Generator().manual_seed(seed)
     mdt = moment_dtype(dtype)
 
@@ -57,7 +58,6 @@ def make_bucket(sizes, dtype, *, device="cpu", normalize=True, seed=0, offset=0)
         [tensor(n, mdt).mul_(0.1) for n in sizes],
         [tensor(n, mdt, torch.rand) for n in sizes],
         [torch.tensor(3.0, device=device) for _ in sizes],
-        [torch.tensor(math.nan, dtype=mdt, device=device) for _ in sizes] if normalize else None,
     )
 
 
@@ -66,12 +66,11 @@ def clone_bucket(b: Bucket) -> Bucket:
         [t.clone() for t in b.params], [t.clone() for t in b.grads],
         [t.clone() for t in b.exp_avgs], [t.clone() for t in b.exp_avg_sqs],
         [t.clone() for t in b.steps],
-        None if b.initial_losses is None else [t.clone() for t in b.initial_losses],
     )
 
 
 def state_of(b: Bucket) -> list[torch.Tensor]:
-    return [*b.params, *b.exp_avgs, *b.exp_avg_sqs, *(b.initial_losses or [])]
+    return [*b.params, *b.exp_avgs, *b.exp_avg_sqs]
 
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -87,12 +86,17 @@ def assert_bitwise_equal(got: list[torch.Tensor], expected: list[torch.Tensor]) 
         assert torch.equal(a.view(bits), b.view(bits)), f"tensor {i} differs"
 
 
+def inputs(device="cpu", loss=1.7, take=1.0, grad_scale=None, initial_loss=2.1) -> StepInputs:
+    return StepInputs(
+        torch.tensor(loss, device=device), torch.tensor(take, device=device),
+        None if grad_scale is None else torch.tensor(grad_scale, device=device),
+        torch.tensor(initial_loss, dtype=torch.float64, device=device),
+    )
+
+
 def step(b: Bucket, hp=LOUD, loss=1.7, take=1.0, grad_scale=None) -> None:
     """One call of the fused op on bucket b (the step count is not advanced)."""
-    dev = b.device
-    run = _extension.cpu_step if dev.type == "cpu" else _extension.cuda_step
-    run(b, hp, torch.tensor(loss, device=dev), torch.tensor(take, device=dev),
-        None if grad_scale is None else torch.tensor(grad_scale, device=dev))
+    _extension.fused_step(b, hp, inputs(b.device, loss, take, grad_scale))
 
 
 # ------------------------------------------------------------------------------ build, load
@@ -167,11 +171,8 @@ def test_opcheck(dtype, hp, lr_tensor, grad_scale):
 
     if lr_tensor:
         hp = replace(hp, lr=torch.tensor(hp.lr, dtype=torch.float64))
-    b = make_bucket([5, 3000, 2048], dtype, normalize=hp.normalize_loss)
-    args = b.fused_op_args(
-        hp, torch.tensor(1.3), torch.tensor(1.0),
-        None if grad_scale is None else torch.tensor(grad_scale),
-    )
+    b = make_bucket([5, 3000, 2048], dtype)
+    args = b.fused_op_args(hp, inputs(loss=1.3, grad_scale=grad_scale))
     torch.library.opcheck(torch.ops.adaml_kernels.fused_step_.default, args)
 
 
@@ -184,9 +185,9 @@ def test_stale_table_updates_the_tensors_passed(dtype):
     originals = [t.clone() for t in state_of(b)]
     expected = clone_bucket(b)
     step(expected)
-    args = list(b.fused_op_args(LOUD, torch.tensor(1.7), torch.tensor(1.0), None))
-    copies = [[t.clone() for t in args[i]] for i in (0, 2, 3, 5)]
-    args[0], args[2], args[3], args[5] = copies
+    args = list(b.fused_op_args(LOUD, inputs(loss=1.7)))
+    copies = [[t.clone() for t in args[i]] for i in (0, 2, 3)]
+    args[0], args[2], args[3] = copies
     torch.ops.adaml_kernels.fused_step_(*args)
     assert_bitwise_equal(state_of(b), originals)
     assert_bitwise_equal([t for c in copies for t in c], state_of(expected))
@@ -203,7 +204,7 @@ def test_skipped_step_reads_and_writes_nothing():
 @needs_ext
 def test_bad_arguments_are_rejected_with_a_reason():
     b = make_bucket([10, 20], torch.float32)
-    args = list(b.fused_op_args(LOUD, torch.tensor(1.0), torch.tensor(1.0), None))
+    args = list(b.fused_op_args(LOUD, inputs(loss=1.0)))
     bad = list(args)
     bad[1] = args[1][:1]
     with pytest.raises(RuntimeError, match="grads has 1 tensors, params has 2"):
@@ -213,8 +214,12 @@ def test_bad_arguments_are_rejected_with_a_reason():
     with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] must be Float"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
-    bad[5] = []
-    with pytest.raises(RuntimeError, match="normalize_loss=True needs one per param"):
+    bad[5] = None
+    with pytest.raises(RuntimeError, match="normalize_loss=True needs initial_loss"):
+        torch.ops.adaml_kernels.fused_step_(*bad)
+    bad = list(args)
+    bad[5] = args[5].float()
+    with pytest.raises(RuntimeError, match="initial_loss must be float64"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
     bad[0] = [args[0][0], torch.zeros(20, 2)[:, 0]]  # strided: not dense
@@ -223,11 +228,17 @@ def test_bad_arguments_are_rejected_with_a_reason():
 
 
 @needs_ext
-def test_empty_tensors_still_record_the_first_loss():
-    # As the reference does: f_1 is the loss of the first step taken, for every parameter.
-    b = make_bucket([0, 5, 0], torch.float32)
-    step(b, loss=1.7)
-    assert [float(f) for f in b.initial_losses] == [float(torch.tensor(1.7))] * 3
+def test_empty_tensors_between_others_change_nothing_around_them():
+    b = make_bucket([0, 5, 0, 3], torch.float32)
+    expected = make_bucket([5, 3], torch.float32)
+    for src, dst in ((1, 0), (3, 1)):
+        for name in ("params", "grads", "exp_avgs", "exp_avg_sqs"):
+            getattr(expected, name)[dst].copy_(getattr(b, name)[src])
+    step(b)
+    step(expected)
+    assert_bitwise_equal([b.params[1], b.params[3], b.exp_avgs[1], b.exp_avg_sqs[3]],
+                         [expected.params[0], expected.params[1], expected.exp_avgs[0],
+                          expected.exp_avg_sqs[1]])
 
 
 # ------------------------------------------------------------------------------ CPU kernel
@@ -254,7 +265,7 @@ def poisoned_inputs(sizes, dtype, device, offset, seed=0):
     buffers, tensors = zip(views(dtype, True), views(dtype, True), views(mdt, False),
                            views(mdt, False))
     steps = [torch.zeros((), device=device) for _ in sizes]
-    f1 = [torch.full((), math.nan, dtype=mdt, device=device) for _ in sizes]
+    f1 = torch.full((), math.nan, dtype=torch.float64, device=device)
     return (*tensors, steps, f1), buffers
 
 
@@ -267,13 +278,13 @@ def check_touches_exactly_its_elements(backend, device, dtype, offset):
     for loss in (2.0, 1.5, 1.2):
         m_before, w_before = [t.clone() for t in m], [t.clone() for t in w]
         adaml_step_(params, grads, m, w, steps, torch.tensor(loss, device=device),
-                    initial_losses=f1, lr=1e-2, normalize_loss=True, backend=backend)
+                    initial_loss=f1, lr=1e-2, normalize_loss=True, backend=backend)
         for t, before in zip(m + w, m_before + w_before):  # every element written, each step
             assert not torch.any(t == before)
     for b, before in zip(buffers, nan_before):  # gaps untouched, nothing else NaN
         assert torch.equal(torch.isnan(b), before)
     assert [float(s) for s in steps] == [3.0] * len(sizes)
-    assert [float(f) for f in f1] == [2.0] * len(sizes)
+    assert float(f1) == 2.0
 
 
 @needs_ext
@@ -297,7 +308,6 @@ def test_every_tail_length_matches_the_vector_body(dtype):
         *[[t[:n].clone() for n in sizes] for t in
           (long.params[0], long.grads[0], long.exp_avgs[0], long.exp_avg_sqs[0])],
         [long.steps[0].clone() for _ in sizes],
-        [long.initial_losses[0].clone() for _ in sizes],
     )
     step(long)
     step(short)
@@ -432,8 +442,7 @@ def test_cuda_step_touches_exactly_its_elements(dtype, offset):
 @needs_cuda_kernel
 def test_cuda_opcheck():
     b = make_bucket([5, 3000, 2048], torch.bfloat16, device="cuda")
-    args = b.fused_op_args(LOUD, torch.tensor(1.3, device="cuda"),
-                           torch.tensor(1.0, device="cuda"), torch.tensor(2.0, device="cuda"))
+    args = b.fused_op_args(LOUD, inputs("cuda", loss=1.3, grad_scale=2.0))
     torch.library.opcheck(torch.ops.adaml_kernels.fused_step_.default, args)
 
 

@@ -68,6 +68,29 @@ def test_first_loss_below_offset_with_normalize(backend, device, dtype):
     check_against_oracle(backend, device, dtype, inputs, hp)
 
 
+@pytest.mark.parametrize("backend,device,dtype", pairs_with_dtypes())
+@pytest.mark.parametrize("case", ["loud", "normalize_loss", "everything"])
+def test_parameters_without_gradients(backend, device, dtype, case):
+    # Tensor 1 gets its first gradient in step 3 (a late parameter: it must use the optimizer's
+    # f_1, not its own first loss), tensor 4 every other step, tensor 7 never.
+    hp = CASES[case]
+
+    def has_grad(step, tensor):
+        return not ((tensor == 1 and step < 3) or (tensor == 4 and step % 2) or tensor == 7)
+
+    inputs = Inputs.random(MIXED_SIZES, hp, seed=6).without_grads(has_grad)
+    check_against_oracle(backend, device, dtype, inputs, hp)
+
+
+@pytest.mark.parametrize("backend,device,dtype", pairs_with_dtypes())
+def test_first_step_without_gradients_for_most(backend, device, dtype):
+    # Step 0: only tensor 0 has a gradient; its loss is f_1 for all of them.
+    hp = CASES["normalize_loss"]
+    inputs = Inputs.random(MIXED_SIZES, hp, seed=7).without_grads(
+        lambda step, tensor: step > 0 or tensor == 0)
+    check_against_oracle(backend, device, dtype, inputs, hp)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_tensor_learning_rate(backend, device):
     inputs = Inputs.random(MIXED_SIZES, LOUD, seed=4)

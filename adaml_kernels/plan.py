@@ -1,0 +1,217 @@
+"""The optimizer's plan: which parameters a step updates, in which buckets, through which backend,
+with their state in flat buffers, and the test that tells when the plan no longer holds.
+
+A plan is made per param group and kept while its parameters keep their storage, shape, strides,
+dtype and device. New gradient tensors (every `zero_grad()` + `backward()`) only repoint the
+gradient column of the pointer tables. Anything else (a parameter changed in place through
+`p.data = ...`, a gradient for a parameter that had none, a gradient laid out unlike its
+parameter) makes a new plan, and the state is laid out again to fit the parameters as they are
+now. Everything a plan change needs is checked before anything is changed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from . import backends
+from .buckets import Bucket, is_dense, moment_dtype
+from .hyperparams import Hyperparams
+from .loss import StepInputs
+from .tensor_checks import check_grad, check_kernel_layout, check_param, same_layout
+
+# Each parameter's moments start on a 64-byte boundary of the flat buffer.
+ALIGN_BYTES = 64
+# The exp_avg_sq row does not start a power of two after the exp_avg row: with a large bucket
+# the two streams would then map to the same cache sets (4K aliasing), which made the CPU step
+# 25-35% slower at 64M parameters.
+ROW_GAP_BYTES = 4096 + 64
+
+
+def param_key(p: torch.Tensor) -> tuple:
+    """What must not change in a parameter for its plan, table and state layout to hold."""
+    return (p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
+
+
+@dataclass
+class GroupPlan:
+    """What one param group's step launches."""
+
+    params: list[torch.Tensor]  # the parameters that have a gradient, in group order
+    param_keys: list[tuple]
+    grad_ptrs: list[int]
+    buckets: list[tuple[Bucket, str]]  # with the backend that runs each
+    members: list[list[int]]  # per bucket, its parameters' indices in `params`
+
+    def change(self, params, grads) -> str | None:
+        """None if the plan holds for these tensors, "grads" if only gradients moved, else "all"."""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return "all"
+        if any(map(operator.ne, map(param_key, params), self.param_keys)):
+            return "all"
+        try:
+            if all(map(operator.eq, (g.data_ptr() for g in grads), self.grad_ptrs)):
+                return None
+        except RuntimeError:  # e.g. a sparse gradient has no data pointer: revalidate
+            return "all"
+        return "grads"
+
+    def new_grads_fit(self, grads, requested: str) -> bool:
+        """Check new gradients for the plan's parameters; False if they need a new plan (a
+        gradient laid out unlike its parameter, under backend="auto"). Raises if unusable."""
+        for (bucket, name), idx in zip(self.buckets, self.members):
+            fused = backends.is_fused(name)
+            for p, i in zip(bucket.params, idx):
+                g = grads[i]
+                check_grad(p, g)
+                if fused and g.stride() != p.stride() and not same_layout(p, g):
+                    if requested == "auto":
+                        return False
+                    check_kernel_layout(p, [g], name)
+        return True
+
+    def replace_grads(self, grads) -> None:
+        for (bucket, _), idx in zip(self.buckets, self.members):
+            bucket.replace_grads([grads[i] for i in idx])
+        self.grad_ptrs = [g.data_ptr() for g in grads]
+
+    def describe(self) -> list[dict]:
+        return [
+            dict(backend=name, device=str(b.device), dtype=str(b.dtype).removeprefix("torch."),
+                 tensors=len(b.params), numel=sum(p.numel() for p in b.params))
+            for b, name in self.buckets
+        ]
+
+
+def check_group(params, grads, state, requested: str) -> list[str]:
+    """Check a group's parameters, gradients and existing state; return each one's backend."""
+    names = []
+    for p, g in zip(params, grads):
+        check_param(p)
+        check_grad(p, g)
+        st = state.get(p)
+        if st and "exp_avg" in st:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if st[key].shape != p.shape:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} has state {key!r} of shape "
+                        f"{tuple(st[key].shape)}: it was changed in place (p.data = ...) to "
+                        "another shape after its state was made; reset its state "
+                        "(del opt.state[p]) or load a matching state dict"
+                    )
+        name = backends.select_for_tensor(requested, p, g)
+        if backends.is_fused(name):
+            check_kernel_layout(p, [g], name)
+        names.append(name)
+    return names
+
+
+def make_group_plan(params, grads, names, state, group_params, packed: dict, gi: int) -> GroupPlan:
+    """The plan of group `gi` (checked by check_group). Lays out state where it does not fit."""
+    by_bucket: dict[tuple, list[int]] = {}
+    for i, (p, name) in enumerate(zip(params, names)):
+        by_bucket.setdefault((p.device, p.dtype, name), []).append(i)
+    for device, dtype in {(d, t) for d, t, _ in by_bucket}:
+        active = [p for p in params if p.device == device and p.dtype == dtype]
+        pack_state(state, group_params, packed, (gi, device, dtype), active)
+    buckets, members = [], []
+    for (_, _, name), idx in by_bucket.items():
+        views = [state[params[i]] for i in idx]
+        bucket = Bucket(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            *([st[key] for st in views] for key in ("exp_avg", "exp_avg_sq", "step")),
+        )
+        buckets.append((bucket, name))
+        members.append(idx)
+    return GroupPlan(
+        list(params), [param_key(p) for p in params], [g.data_ptr() for g in grads], buckets,
+        members,
+    )
+
+
+def run(buckets, hp: Hyperparams, inputs: StepInputs, on_device: dict) -> None:
+    """Advance the step counts and update every bucket with its backend. Nothing is validated.
+
+    `on_device` caches `inputs` per device across the groups of one step.
+    """
+    for bucket, name in buckets:
+        dev = bucket.device
+        if dev not in on_device:
+            on_device[dev] = inputs.on(dev)
+        local = on_device[dev]
+        bucket.advance_steps(local.take)
+        backends.step_function(name)(bucket, hp, local)
+
+
+# ------------------------------------------------------------------------------ flat state
+
+def moment_stride(p: torch.Tensor) -> tuple:
+    """Moments have the parameter's strides, so that element i in memory belongs to the same
+    logical element in all of them (channels_last weights, transposed views); a parameter that
+    is not dense gets contiguous moments."""
+    return p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
+
+
+def state_fits(p: torch.Tensor, st: dict | None) -> bool:
+    """Whether p's moments exist and are laid out for p as it is now."""
+    if not st or "exp_avg" not in st:
+        return False
+    m = st["exp_avg"]
+    return (
+        m.device == p.device and m.dtype == moment_dtype(p.dtype) and m.shape == p.shape
+        and m.stride() == moment_stride(p)
+    )
+
+
+def pack_state(state, group_params, packed: dict, key: tuple, active: list) -> None:
+    """Lay out the state of (group, device, dtype) in flat buffers, unless it already is with
+    every parameter of `active` among its members and laid out as that parameter is now."""
+    if key in packed and all(
+        id(p) in packed[key] and state_fits(p, state.get(p)) for p in active
+    ):
+        return
+    _, device, dtype = key
+    active_ids = {id(p) for p in active}
+    members = [
+        p for p in group_params
+        if p.device == device and p.dtype == dtype
+        and (id(p) in active_ids or "exp_avg" in state.get(p, {}))
+    ]
+    pack(members, state)
+    packed[key] = {id(p) for p in members}
+
+
+def pack(members: list[torch.Tensor], state) -> None:
+    """Lay the state of `members` out in flat buffers and make their state entries views of them.
+
+    Existing values (from earlier steps, an earlier layout or a loaded checkpoint) are copied
+    in element by element of the logical shape; new parameters start with zero moments and
+    step 0.
+    """
+    device, dtype = members[0].device, members[0].dtype
+    mdt = moment_dtype(dtype)
+    element = torch.empty((), dtype=mdt).element_size()
+    align = ALIGN_BYTES // element
+    offsets, total = [], 0
+    for p in members:
+        offsets.append(total)
+        total += -(-p.numel() // align) * align
+    # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
+    second_row = total + ROW_GAP_BYTES // element
+    buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
+    steps = torch.zeros(len(members), dtype=torch.float32, device=device)
+    for i, (p, off) in enumerate(zip(members, offsets)):
+        st = state[p]
+        stride = moment_stride(p)
+        views = {
+            "step": steps[i],
+            "exp_avg": buffer.as_strided(p.shape, stride, off),
+            "exp_avg_sq": buffer.as_strided(p.shape, stride, second_row + off),
+        }
+        for name, view in views.items():
+            if name in st:
+                view.copy_(st[name])
+            st[name] = view
