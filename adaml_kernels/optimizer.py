@@ -37,6 +37,11 @@ class AdamL(torch.optim.Optimizer):
         loss_group: under torch.distributed, the losses of this process group are averaged so
             that every rank uses the same l. "world" (default) uses the default group when
             torch.distributed is initialized; None turns the averaging off.
+        amp_scaling: True (default): torch.amp.GradScaler hands AdamL the scale and found_inf,
+            and the kernels unscale the gradients in the update (no extra pass, no sync).
+            False: GradScaler unscales the gradients itself and skips steps with inf/NaN
+            gradients before step() is called, as for any optimizer; for loops and frameworks
+            that must see unscaled gradients themselves (e.g. to clip them).
 
     State: per parameter, torch.optim.Adam's ``step``, ``exp_avg`` and ``exp_avg_sq`` (views of
     flat per-bucket buffers; modify them in place or through load_state_dict) and
@@ -62,6 +67,7 @@ class AdamL(torch.optim.Optimizer):
         backend: str = "auto",
         *,
         loss_group="world",
+        amp_scaling: bool = True,
     ):
         backends.check_name(backend)
         defaults = dict(
@@ -77,8 +83,11 @@ class AdamL(torch.optim.Optimizer):
             maximize=maximize,
         )
         validate_group(defaults)
+        if not isinstance(amp_scaling, bool):
+            raise ValueError(f"Invalid amp_scaling: {amp_scaling!r} (must be a bool)")
         self.backend = backend
         self.loss_group = loss_group
+        self._step_supports_amp_scaling = amp_scaling  # read by torch.amp.GradScaler
         self._reset_runtime()
         self._skipped: torch.Tensor | None = None
         self._initial_loss: torch.Tensor | None = None
