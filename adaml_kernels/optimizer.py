@@ -128,13 +128,21 @@ class AdamL(torch.optim.Optimizer):
         self.__dict__.setdefault("loss_group", "world")
         self.__dict__.setdefault("_skipped", None)
         self.__dict__.setdefault("_initial_loss", None)
+        self.__dict__.setdefault("_step_supports_amp_scaling", True)
         self._reset_runtime()
         self._invalidate()
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        runtime = ("_packed", "_plans", "_pending", "_taken")
-        return {k: v for k, v in state.items() if k not in runtime}
+        # torch.optim keeps only defaults, state and param_groups; AdamL's settings and
+        # counters travel too (deepcopy, pickle). Plans and pending losses are rebuilt.
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            "loss_group": self.loss_group,
+            "_step_supports_amp_scaling": self._step_supports_amp_scaling,
+            "_skipped": self._skipped,
+            "_initial_loss": self._initial_loss,
+        }
 
     def _invalidate(self) -> None:
         """Forget flat buffers and tables; the next step rebuilds them from self.state."""
