@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from itertools import chain
@@ -92,12 +92,14 @@ class AdamL(torch.optim.Optimizer):
         self._skipped: torch.Tensor | None = None
         self._initial_loss: torch.Tensor | None = None
         super().__init__(params, defaults)
+        self.state = _TrackedState(self.state)
 
     def _reset_runtime(self) -> None:
         """Forget plans, flat-buffer records and pending losses (none of them is saved)."""
         # (group, device, dtype) -> ids of the parameters whose state is packed in flat buffers
         self._packed: dict[tuple, set[int]] = {}
         self._plans: list[planning.GroupPlan | None] = []
+        self._planned_state_version = -1  # self.state's version when the plans were made
         self._pending = losses.PendingLoss()
         self._taken: torch.Tensor | None = None
 
@@ -119,6 +121,7 @@ class AdamL(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.state = _TrackedState(self.state)
         # Only AdamL's own keys: torch's __setstate__ adds "differentiable" to the defaults,
         # which must not reach the groups (it would change the saved schema).
         for group in self.param_groups:  # e.g. groups loaded from a torch.optim.Adam checkpoint
@@ -148,6 +151,7 @@ class AdamL(torch.optim.Optimizer):
         """Forget flat buffers and tables; the next step rebuilds them from self.state."""
         self._packed = {}
         self._plans = [None] * len(self.param_groups)
+        self._planned_state_version = -1
 
     def state_dict(self) -> dict:
         """As torch.optim.Adam's, with each state tensor copied out of the flat buffers."""
@@ -256,6 +260,8 @@ class AdamL(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
 
         # Check everything before anything changes: a step that cannot be taken changes nothing.
+        if self.state.version != self._planned_state_version:  # a state entry set or deleted
+            self._invalidate()
         changes = {}  # group index -> ("grads" or "all", its params, their grads, backends)
         for gi, (params, grads) in enumerate(actives):
             plan = self._plans[gi]
@@ -283,6 +289,7 @@ class AdamL(torch.optim.Optimizer):
                     params, grads, names, self.state, self.param_groups[gi]["params"],
                     self._packed, gi)
                 self._share_initial_loss(params)
+        self._planned_state_version = self.state.version
 
         inputs = self._step_inputs(loss, group, grad_scale, found_inf)
         on_device = {}
@@ -330,6 +337,57 @@ class AdamL(torch.optim.Optimizer):
             self._skipped += 1
         else:  # skipped += 1 - take, in place on the device
             self._skipped.sub_(losses.move(take, self._skipped.device)).add_(1)
+
+
+class _TrackedState(defaultdict):
+    """torch.optim's state (a defaultdict(dict)) that counts entries set or deleted, so that a
+    step notices `del opt.state[p]` or `opt.state[p] = {...}` and lays the state out anew.
+    (A tensor replaced inside an entry, `opt.state[p]["exp_avg"] = t`, is not seen: modify state
+    tensors in place.)"""
+
+    def __init__(self, items=()):
+        super().__init__(dict, items)
+        self.version = 0
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.version += 1
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.version += 1
+        return super().popitem()
+
+    def clear(self):
+        self.version += 1
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self.version += 1
+        return super().setdefault(key, default)
+
+    def __reduce__(self):  # pickles as the defaultdict torch.optim expects
+        return (defaultdict, (dict,), None, None, iter(self.items()))
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        out = _TrackedState()
+        memo[id(self)] = out
+        for k, v in self.items():
+            dict.__setitem__(out, copy.deepcopy(k, memo), copy.deepcopy(v, memo))
+        return out
 
 
 @contextmanager
