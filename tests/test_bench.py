@@ -1,4 +1,4 @@
-"""Smoke tests of adaml-bench (adaml_kernels/bench.py). No timing is ever asserted."""
+"""Smoke tests of adaml-bench (the adaml_kernels/bench package). No timing is ever asserted."""
 
 import json
 import math
@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from adaml_kernels import available_backends, bench
+from adaml_kernels import available_backends
+from adaml_kernels.bench import cases, cli, contenders, goals, run, timing
 
 SMOKE = ["--device", "cpu", "--smoke", "--no-progress"]
 
@@ -22,7 +23,7 @@ def _measured(rows):
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "bench.json", out / "bench.png"
-    rc = bench.main(SMOKE + ["--sizes", "1000", "--json", str(json_path), "--plot", str(png_path)])
+    rc = cli.main(SMOKE + ["--sizes", "1000", "--json", str(json_path), "--plot", str(png_path)])
     return rc, json_path, png_path
 
 
@@ -32,7 +33,7 @@ def test_cli_writes_json_rows_with_the_required_keys(smoke_run):
     rows = json.loads(json_path.read_text())
     assert isinstance(rows, list) and rows
     for r in rows:
-        for key in bench.REQUIRED_KEYS:
+        for key in run.REQUIRED_KEYS:
             assert key in r, key
     measured = _measured(rows)
     assert {r["case"] for r in measured} == {"1000", "gpt2_small", "many_small"}
@@ -63,7 +64,7 @@ def test_cli_writes_a_png(smoke_run):
 
 
 def test_cli_prints_the_table_and_the_traffic_model(tmp_path, capsys):
-    assert bench.main(SMOKE + ["--sizes", "1000", "--lists", "none"]) == 0
+    assert cli.main(SMOKE + ["--sizes", "1000", "--lists", "none"]) == 0
     out = capsys.readouterr().out
     assert "28 B/param" in out and "median ms" in out and "torch_fused" in out
 
@@ -72,7 +73,7 @@ def test_bf16_traffic_model(tmp_path):
     path = tmp_path / "bf16.json"
     args = SMOKE + ["--sizes", "1000", "--lists", "none", "--dtype", "bf16", "--json", str(path),
                     "--backends", "reference,torch_fused"]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = {r["backend"]: r for r in json.loads(path.read_text())}
     assert set(rows) == {"reference", "torch_fused"}
     assert rows["reference"]["dtype"] == "bfloat16"
@@ -88,7 +89,7 @@ def test_missing_matplotlib_and_tqdm_do_not_crash(tmp_path, monkeypatch, capsys)
     png = tmp_path / "x.png"
     args = ["--device", "cpu", "--smoke", "--sizes", "1000", "--lists", "none",
             "--backends", "torch_fused", "--plot", str(png)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     captured = capsys.readouterr()
     assert "matplotlib is not installed" in captured.out
     assert "tqdm is not installed" in captured.err
@@ -96,7 +97,7 @@ def test_missing_matplotlib_and_tqdm_do_not_crash(tmp_path, monkeypatch, capsys)
 
 
 def test_memory_check_needs_cuda(capsys):
-    assert bench.main(["--device", "cpu", "--memory-check"]) == 2
+    assert cli.main(["--device", "cpu", "--memory-check"]) == 2
     assert "CUDA" in capsys.readouterr().err
 
 
@@ -104,7 +105,7 @@ def test_memory_check_needs_cuda(capsys):
 def test_memory_check_on_cuda(tmp_path):
     path = tmp_path / "mem.json"
     args = ["--device", "cuda", "--memory-check", "--smoke", "--sizes", "4096", "--json", str(path)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = json.loads(path.read_text())
     assert {"torch_fused", "torch_foreach"} <= {r["backend"] for r in rows if not r["skipped"]}
     for r in rows:
@@ -113,41 +114,41 @@ def test_memory_check_on_cuda(tmp_path):
 
 
 def test_workload_shapes():
-    gpt2 = bench.gpt2_small_shapes()
+    gpt2 = cases.gpt2_small_shapes()
     assert len(gpt2) == 148
     assert sum(math.prod(s) for s in gpt2) == 124_439_808
-    small = bench.many_small_shapes()
+    small = cases.many_small_shapes()
     assert len(small) == 5000
-    assert small == bench.many_small_shapes()  # deterministic
+    assert small == cases.many_small_shapes()  # deterministic
     assert max(math.prod(s) for s in small) <= 64 * 64 * 9
 
 
 def test_parse_size_and_labels():
-    assert bench.parse_size("1M") == 1 << 20
-    assert bench.parse_size("1B") == bench.parse_size("1G") == 1 << 30
-    assert bench.parse_size("4096") == 4096
-    assert bench.parse_size("1e6") == 1_000_000
-    assert bench.parse_size("1.5k") == 1536
+    assert cases.parse_size("1M") == 1 << 20
+    assert cases.parse_size("1B") == cases.parse_size("1G") == 1 << 30
+    assert cases.parse_size("4096") == 4096
+    assert cases.parse_size("1e6") == 1_000_000
+    assert cases.parse_size("1.5k") == 1536
     with pytest.raises(Exception):
-        bench.parse_size("lots")
-    assert bench.size_label(64 << 20) == "64M" and bench.size_label(1000) == "1000"
+        cases.parse_size("lots")
+    assert cases.size_label(64 << 20) == "64M" and cases.size_label(1000) == "1000"
 
 
 def test_traffic_model_and_rotation():
-    assert bench.traffic_per_param("adaml", torch.float32) == 28
-    assert bench.traffic_per_param("adaml", torch.bfloat16) == 22
-    assert bench.traffic_per_param("torch", torch.bfloat16) == 14
+    assert contenders.traffic_per_param("adaml", torch.float32) == 28
+    assert contenders.traffic_per_param("adaml", torch.bfloat16) == 22
+    assert contenders.traffic_per_param("torch", torch.bfloat16) == 14
     cache = 32 << 20
-    assert bench.rotation_sets(1 << 30, cache, 4) == 1  # one step evicts its own data
-    assert bench.rotation_sets(28 << 20, cache, 4) == 4
-    assert 2 <= bench.rotation_sets(100 << 20, cache, 4) <= 4
+    assert timing.rotation_sets(1 << 30, cache, 4) == 1  # one step evicts its own data
+    assert timing.rotation_sets(28 << 20, cache, 4) == 4
+    assert 2 <= timing.rotation_sets(100 << 20, cache, 4) <= 4
 
 
 def test_bad_arguments_exit_with_usage_error():
     for args in (["--sizes", "lots"], ["--dtype", "int8"], ["--lists", "resnet"],
                  ["--backends", "sgd"]):
         with pytest.raises(SystemExit) as info:
-            bench.main(["--device", "cpu", "--smoke"] + args)
+            cli.main(["--device", "cpu", "--smoke"] + args)
         assert info.value.code == 2
 
 
@@ -166,7 +167,7 @@ def test_cases_over_the_memory_budget_are_skipped_not_fatal(tmp_path, capsys):
     path = tmp_path / "tiny_budget.json"
     args = SMOKE + ["--sizes", "4096", "--lists", "none", "--memory-budget", "1e-12",
                     "--json", str(path)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = json.loads(path.read_text())
     assert rows and all(r["skipped"] and r["median_ms"] is None for r in rows)
     assert "memory budget" in capsys.readouterr().out
@@ -182,9 +183,9 @@ def test_goal_lines_read_the_rows():
             row("256M", "torch_fused", big, 10.2, 91.0),
             row("many_small", "cuda", 17_000_000, 1.0, 40.0),
             row("many_small", "torch_fused", 17_000_000, 1.2, 30.0)]
-    lines = bench.goal_lines(rows, torch.device("cuda"))
+    lines = goals.goal_lines(rows, torch.device("cuda"))
     assert sum(line.startswith("PASS") for line in lines) == 3
     assert [line for line in lines if line.startswith("FAIL")] == [
         "FAIL  cuda >= 1.3x faster than torch fused on many_small: 1.20x"]
     cpu_rows = [row("1M", "cpu", 1 << 20, 1.06, 100.0), row("1M", "torch_fused", 1 << 20, 1.0, 1)]
-    assert bench.goal_lines(cpu_rows, torch.device("cpu"))[0].startswith("FAIL")
+    assert goals.goal_lines(cpu_rows, torch.device("cpu"))[0].startswith("FAIL")
