@@ -36,8 +36,9 @@ of at least 4 steps.
 
 `run_benchmark` and `run_memory_check` are the programmatic entry points; `main` (cli.py) is the
 CLI. Modules: cases (workloads), contenders (what is compared, traffic model), timing (timer,
-policy, rotation sets), environment (machine facts), params (parameter sets), run (running the
-cases), memory (peak-memory check), goals, report (header, tables, plot, JSON), errors, cli.
+policy, rotation sets), environment (machine facts), params (parameter sets), rows (the row each
+measurement fills), run (running the cases), memory (peak-memory check), goals, report (header,
+tables, plot, JSON), errors, cli.
 """
 
 from .cli import main

@@ -11,46 +11,21 @@ from dataclasses import dataclass
 import torch
 
 from .cases import Case, list_cases, size_label, sweep_cases
-from .contenders import (
-    COPY, Contender, contenders_for, elem_size, traffic_per_param, unsupported_reason,
-)
+from .contenders import COPY, contenders_for, elem_size, traffic_per_param, unsupported_reason
 from .environment import OthersCpu, environment, free_memory_bytes, last_level_cache_bytes
 from .errors import is_oom, reason
 from .params import Filler, make_set
+from .rows import base_row
 from .timing import Policy, Timer, make_policy, rotation_sets, stats
 
-# Keys every timing row has (JSON consumers rely on them).
-REQUIRED_KEYS = (
-    "backend", "n_params", "n_tensors", "dtype", "median_ms", "gbps", "pct_of_copy",
-    "vs_torch_fused",
-)
+def run_batch(batch, sets, loss, timer: Timer, policy: Policy, rows: dict, progress,
+              prepare=None) -> None:
+    """Warm up, then time `batch`'s optimizers cycle by cycle, interleaved. Fills rows[c.name].
 
-def base_row(case: Case, dtype: torch.dtype, c: Contender, env: dict) -> dict:
-    bpp = c.bytes_per_param(dtype)
-    return {
-        "case": case.name,
-        "kind": case.kind,
-        "backend": c.name,
-        "optimizer": "AdamL" if c.family == "adaml" else "torch.optim.Adam",
-        "n_params": case.n_params,
-        "n_tensors": case.n_tensors,
-        "dtype": str(dtype).replace("torch.", ""),
-        "bytes_per_param": bpp,
-        "bytes_moved": bpp * case.n_params,
-        "device": env["device"],
-        "device_name": env["device_name"],
-        "torch_version": env["torch_version"],
-        "triton_version": env["triton_version"],
-        "threads": env["threads"],
-        "cpu_busy_pct_at_start": env["cpu_busy_pct_at_start"],
-        "median_ms": None, "p10_ms": None, "p90_ms": None, "min_ms": None, "host_ms": None,
-        "reps": 0, "sets": 0, "gbps": None, "copy_gbps": None, "pct_of_copy": None,
-        "vs_torch_fused": None, "speedup_vs_torch_fused": None, "skipped": None,
-    }
-
-
-def _run_batch(batch, sets, loss, timer: Timer, policy: Policy, rows: dict, progress) -> None:
-    """Warm up, then time `batch`'s optimizers cycle by cycle, interleaved. Fills rows[c.name]."""
+    `prepare`, when given, runs before every step outside the timed call (the host-overhead
+    case hands over new gradients there, as backward() would).
+    """
+    prepare = prepare or (lambda: None)
     k = len(sets)
     order = list(range(1, k)) + [0]  # the warm-up ends on set 0: start the cycles elsewhere
     opts, reps, times, hosts = {}, {}, {}, {}
@@ -58,8 +33,10 @@ def _run_batch(batch, sets, loss, timer: Timer, policy: Policy, rows: dict, prog
         try:
             opts[c.name] = [c.make(ps) for ps in sets]
             for s in range(k):
+                prepare()
                 c.step(opts[c.name][s], loss)
             timer.sync()
+            prepare()
             est, _ = timer.time(lambda: c.step(opts[c.name][0], loss))
             reps[c.name] = policy.reps(est, k, reference=c.name == "reference")
             times[c.name], hosts[c.name] = [], []
@@ -83,10 +60,12 @@ def _run_batch(batch, sets, loss, timer: Timer, policy: Policy, rows: dict, prog
             opt_list = opts[c.name]
             try:
                 for s in lead:
+                    prepare()
                     c.step(opt_list[s], loss)
                 n_timed = min(block, reps[c.name] - len(times[c.name]))
                 for i in range(n_timed):
                     s = order[i % k]
+                    prepare()
                     t, h = timer.time(lambda: c.step(opt_list[s], loss))
                     times[c.name].append(t)
                     hosts[c.name].append(h)
@@ -199,7 +178,7 @@ def run_case(case, dtype, device, contenders, policy, timer, env, budget_fractio
         if sets is not None:
             loss = torch.tensor(2.0, device=device)
             for batch in batches:
-                _run_batch(batch, sets, loss, timer, policy, rows, progress)
+                run_batch(batch, sets, loss, timer, policy, rows, progress)
         sets = None
         release(timer, collect=big)
 
