@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaml_kernels import available_backends
-from adaml_kernels.bench import cases, cli, contenders, goals, timing
+from adaml_kernels.bench import cases, cli, contenders, goals, host_overhead, timing
 from adaml_kernels.bench.rows import REQUIRED_KEYS
 
 SMOKE = ["--device", "cpu", "--smoke", "--no-progress"]
@@ -161,7 +161,7 @@ def test_runs_as_a_module(monkeypatch, capsys):
         runpy.run_module("adaml_kernels.bench", run_name="__main__")
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "--quick" in out and "--memory-check" in out
+    assert "--quick" in out and "--memory-check" in out and "--host-overhead" in out
 
 
 def test_cases_over_the_memory_budget_are_skipped_not_fatal(tmp_path, capsys):
@@ -190,3 +190,99 @@ def test_goal_lines_read_the_rows():
         "FAIL  cuda >= 1.3x faster than torch fused on many_small: 1.20x"]
     cpu_rows = [row("1M", "cpu", 1 << 20, 1.06, 100.0), row("1M", "torch_fused", 1 << 20, 1.0, 1)]
     assert goals.goal_lines(cpu_rows, torch.device("cpu"))[0].startswith("FAIL")
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("host") / "host.json"
+    threads = torch.get_num_threads()
+    rc = cli.main(SMOKE + ["--host-overhead", "--json", str(path)])
+    return rc, json.loads(path.read_text()), threads
+
+
+def test_host_overhead_rows(host_run):
+    rc, rows, _ = host_run
+    assert rc == 0
+    fused_adaml = {"cpu"} & set(available_backends("cpu"))  # triton is skipped on the CPU
+    for n in host_overhead.SMOKE_COUNTS:
+        names = {r["backend"] for r in _measured(rows) if r["n_tensors"] == n}
+        assert {"torch_fused", "torch_foreach"} | fused_adaml <= names, (n, names)
+        assert "reference" not in names  # not fused: only when asked for
+    for r in rows:
+        for key in host_overhead.HOST_KEYS + REQUIRED_KEYS:
+            assert key in r, key
+    for r in _measured(rows):
+        assert r["kind"] == "host" and r["threads"] == 1 and r["grads"] == "replaced every step"
+        assert r["n_params"] == r["n_tensors"] and r["reps"] >= 2
+        for key in ("us_per_step", "p10_us", "p90_us", "host_us", "us_per_tensor",
+                    "vs_torch_fused"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["us_per_tensor"] == pytest.approx(r["us_per_step"] / r["n_tensors"])
+        assert r["us_per_step"] == pytest.approx(1e3 * r["median_ms"])
+        if r["backend"] == "torch_fused":
+            assert r["vs_torch_fused"] == pytest.approx(1.0)
+
+
+def test_host_overhead_restores_the_thread_count(host_run):
+    assert torch.get_num_threads() == host_run[2]
+
+
+def test_host_overhead_prints_table_and_goals(capsys):
+    args = SMOKE + ["--host-overhead", "1,3", "--backends", "reference,torch_fused"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "us/step" in out and "us/tensor" in out and "Goals (host overhead):" in out
+    goal = [line for line in out.splitlines() if "torch fused <=" in line or "n/a" in line]
+    assert goal and all(line.strip().split()[0] in ("PASS", "FAIL", "n/a") for line in goal)
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "3 "))]
+    assert {(r[0], r[1]) for r in rows} == {(n, b) for n in ("1", "3")
+                                            for b in ("reference", "torch_fused")}
+
+
+def test_host_overhead_bad_arguments():
+    for args in (["--host-overhead", "lots"], ["--host-overhead", "--memory-check"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--device", "cpu", "--smoke"] + args)
+        assert info.value.code == 2
+
+
+def test_host_goal_lines_read_the_rows():
+    def row(n, backend, us, ratio):
+        return {"n_tensors": n, "backend": backend, "dtype": "float32", "us_per_step": us,
+                "vs_torch_fused": ratio, "skipped": None}
+
+    rows = [row(1, "cpu", 20.0, 0.4), row(1, "torch_fused", 50.0, 1.0),
+            row(100, "cpu", 30.0, 0.1), row(1000, "cpu", 600.0, 0.3),
+            row(5000, "cpu+graph", 1.0, 0.01), row(5000, "reference", 1e5, 9.0)]
+    lines = goals.host_goal_lines(rows)
+    assert lines == [
+        "PASS  cpu / torch fused <= 0.5 at 1 tensor (float32): 0.400 (20.0 vs 50.0 us/step)",
+        "FAIL  cpu / torch fused <= 0.2 at 1,000 tensors (float32): 0.300 "
+        "(600.0 vs 2000.0 us/step)",
+    ]
+    assert goals.host_goal_lines([])[0].startswith("n/a")
+
+
+def test_a_failed_graph_capture_is_a_row_not_a_crash():
+    """On the CPU the capture fails (no CUDA stream): the row says why."""
+    dev = torch.device("cpu")
+    case = cases.Case("host", "host_2", [(1,), (1,)])
+    params = host_overhead.make_set(case, torch.float32, dev, host_overhead.Filler(dev, 0))
+    c = contenders.adaml_contender("reference")
+    env = host_overhead.environment(dev)
+    row = host_overhead._graph_row(c, case, torch.float32, params, [p.grad for p in params],
+                                   timing.Timer(dev), host_overhead.host_policy(False, True), env)
+    assert row["backend"] == "reference+graph" and row["us_per_step"] is None
+    assert row["skipped"].startswith("CUDA graph capture or replay failed: ")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_overhead_on_cuda_reports_the_graph_rows(tmp_path):
+    path = tmp_path / "host_cuda.json"
+    assert cli.main(["--device", "cuda", "--smoke", "--host-overhead", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    graph = [r for r in rows if r["backend"].endswith("+graph")]
+    assert graph  # measured, or skipped with the capture's failure as the reason
+    for r in graph:
+        assert r["grads"] == "fixed (CUDA graph)"
+        assert r["skipped"] or r["us_per_step"] > 0

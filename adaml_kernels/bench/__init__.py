@@ -2,6 +2,7 @@
 
     adaml-bench [--device cpu|cuda] [--quick] [--sizes 1M,4M,16M] [--dtype float32,bfloat16]
                 [--lists gpt2,many_small] [--json PATH] [--plot PATH] [--memory-check]
+                [--host-overhead [COUNTS]]
     python -m adaml_kernels.bench ...
 
 Every available AdamL backend (the reference included) and torch.optim.Adam with fused=True and
@@ -34,15 +35,19 @@ each takes a few untimed steps (a cycle over the sets, or one step), since the f
 another optimizer's run slower (dirty cache lines to write back, and more), then a timed block
 of at least 4 steps.
 
-`run_benchmark` and `run_memory_check` are the programmatic entry points; `main` (cli.py) is the
-CLI. Modules: cases (workloads), contenders (what is compared, traffic model), timing (timer,
-policy, rotation sets), environment (machine facts), params (parameter sets), rows (the row each
-measurement fills), run (running the cases), memory (peak-memory check), goals, report (header,
-tables, plot, JSON), errors, cli.
+The host-overhead case (host_overhead.py) steps many one-element tensors whose gradients are new
+at every step, one thread, and reports microseconds per step and per tensor.
+
+`run_benchmark`, `run_memory_check` and `run_host_overhead` are the programmatic entry points;
+`main` (cli.py) is the CLI. Modules: cases (workloads), contenders (what is compared, traffic
+model), timing (timer, policy, rotation sets), environment (machine facts), params (parameter
+sets), rows (the row each measurement fills), run (running the cases), host_overhead, memory
+(peak-memory check), goals, report (header, tables, plot, JSON), errors, cli.
 """
 
 from .cli import main
+from .host_overhead import run_host_overhead
 from .memory import run_memory_check
 from .run import BenchConfig, run_benchmark
 
-__all__ = ["BenchConfig", "main", "run_benchmark", "run_memory_check"]
+__all__ = ["BenchConfig", "main", "run_benchmark", "run_host_overhead", "run_memory_check"]

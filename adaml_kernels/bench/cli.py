@@ -12,9 +12,13 @@ import torch
 from .cases import DTYPES, LIST_NAMES, default_sizes, list_cases, parse_size, sweep_cases
 from .contenders import ADAML_BACKENDS, TORCH_CONTENDERS
 from .environment import environment
-from .goals import goal_lines
+from .goals import goal_lines, host_goal_lines
+from .host_overhead import HOST_COUNTS, SMOKE_COUNTS, run_host_overhead
 from .memory import format_memory_table, run_memory_check
-from .report import busy_warnings, format_table, header_lines, write_json, write_plot
+from .report import (
+    busy_warnings, format_host_table, format_table, header_lines, host_header_lines, write_json,
+    write_plot,
+)
 from .run import BenchConfig, run_benchmark
 
 
@@ -55,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA only: instead of timing, report the peak memory one opt.step "
                         "allocates beyond the state, per optimizer (default cases: 16M, 256M "
                         "and both lists)")
+    p.add_argument("--host-overhead", nargs="?", const="default", default=None,
+                   metavar="COUNTS",
+                   help="instead of the size sweep, time the host-overhead case: COUNTS "
+                        "one-element tensors (comma-separated, default 1,100,1000,5000) whose "
+                        "gradients are replaced before every step, one CPU thread; AdamL's fused "
+                        "backends (the reference only with --backends) against torch fused and "
+                        "foreach Adam, in us per step and per tensor; on CUDA also a "
+                        "CUDA-graph replay of an AdamL step (the lower bound)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="FRACTION",
                    help="fraction of free memory the benchmark may use (default 0.4 CPU, 0.85 GPU)")
     p.add_argument("--threads", type=int, default=None,
@@ -85,6 +97,11 @@ def main(argv=None) -> int:
         lists = _parse_list(args.lists, LIST_NAMES, "list")
         wanted = None if args.backends is None else _parse_list(
             args.backends, ADAML_BACKENDS + TORCH_CONTENDERS, "backend")
+        counts = None
+        if args.host_overhead == "default":
+            counts = list(SMOKE_COUNTS if args.smoke else HOST_COUNTS)
+        elif args.host_overhead is not None:
+            counts = [parse_size(s) for s in args.host_overhead.split(",") if s.strip()]
         if args.sizes is not None:
             sizes = [] if args.sizes.strip().lower() == "none" else [
                 parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -98,10 +115,16 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if not dtypes:
         parser.error("--dtype: give at least one dtype")
+    if counts is not None and not counts:
+        parser.error("--host-overhead: give at least one tensor count")
+    if counts is not None and args.memory_check:
+        parser.error("--host-overhead and --memory-check are separate runs: choose one")
 
     t_start = time.perf_counter()
     if args.memory_check:
         return _memory_check(args, device, sizes, lists, dtypes, wanted)
+    if counts is not None:
+        return _host_overhead(args, device, counts, dtypes, wanted, t_start)
 
     cfg = BenchConfig(device, sizes, lists, dtypes, quick=args.quick, smoke=args.smoke,
                       backends=wanted, budget_fraction=args.memory_budget,
@@ -134,6 +157,34 @@ def main(argv=None) -> int:
         note = write_plot(rows, args.plot, title)
         print(f"note: {note}" if note else f"wrote {args.plot}")
     print(f"done in {elapsed:.1f} s")
+    return 0
+
+
+def _host_overhead(args, device, counts, dtypes, wanted, t_start) -> int:
+    gc.collect()
+    gc.freeze()  # as for the sweep: full collections during timing get cheap
+    try:
+        rows, info = run_host_overhead(device, counts, dtypes, wanted, args.quick, args.smoke)
+    finally:
+        gc.unfreeze()
+    for line in host_header_lines(info, args.quick) + busy_warnings(info["env"], rows):
+        print(line)
+    if args.threads is not None:
+        print("note: --threads is ignored here: the host-overhead case runs with one thread")
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print()
+    print(format_host_table(rows))
+    print()
+    print("Goals (host overhead):")
+    for line in host_goal_lines(rows):
+        print(f"  {line}")
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print("note: no plot for the host-overhead case")
+    print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import backends
+
+# From the issue "Step latency": AdamL's step time / torch fused Adam's, per tensor count.
+HOST_GOALS = {1: 0.5, 1000: 0.2, 5000: 0.2}
+
 
 def _find(rows, case, backend, dtype="float32"):
     for r in rows:
@@ -52,4 +57,27 @@ def goal_lines(rows: list[dict], device: torch.device) -> list[str]:
                    f"{s:.2f}x")
     if not out:
         out.append("n/a   the GPU goals need fp32 cuda rows (>= 256M params, many_small)")
+    return out
+
+
+def host_goal_lines(rows: list[dict]) -> list[str]:
+    """The host-overhead goals, per fused AdamL backend (eager steps, gradients replaced)."""
+    out = []
+    for r in rows:
+        n, goal = r["n_tensors"], HOST_GOALS.get(r["n_tensors"])
+        if goal is None or r["backend"] not in backends.NAMES or not backends.is_fused(
+                r["backend"]):
+            continue
+        what = (f"{r['backend']} / torch fused <= {goal} at {n:,} tensor{'s' if n != 1 else ''} "
+                f"({r['dtype']})")
+        if r["vs_torch_fused"] is None:
+            out.append(f"n/a   {what}: not measured ({r['skipped'] or 'no torch fused time'})")
+            continue
+        ok = r["vs_torch_fused"] <= goal
+        fused_us = r["us_per_step"] / r["vs_torch_fused"]
+        out.append(f"{'PASS' if ok else 'FAIL'}  {what}: {r['vs_torch_fused']:.3f} "
+                   f"({r['us_per_step']:.1f} vs {fused_us:.1f} us/step)")
+    if not out:
+        out.append("n/a   the host-overhead goals need fused AdamL rows at 1, 1,000 or 5,000 "
+                   "tensors")
     return out

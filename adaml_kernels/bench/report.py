@@ -94,6 +94,49 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def host_header_lines(info: dict, quick: bool) -> list[str]:
+    """How the host-overhead case was measured, and what its columns mean."""
+    env = info["env"]
+    out = [
+        f"adaml-bench host overhead on {env['device']} ({env['device_name']}, "
+        f"{env['threads']} thread), torch {env['torch_version']}, triton "
+        f"{env['triton_version']}, Python {env['python_version']}{', quick' if quick else ''}",
+        "Case: N one-element parameters; before every step each parameter is handed a new "
+        f"gradient tensor (a rotation of {info['grad_sets']} pre-made sets, as zero_grad() + "
+        "backward() hand over new tensors), outside the timed call.",
+        f"Timer: {info['timer']} around each full opt.step, after warm-up; median and p10-p90 "
+        "of the timed steps; optimizers interleaved in turns. us/tensor = us/step / tensors; "
+        "x fused = time / torch fused Adam's time (< 1: faster); host us = time in the "
+        "Python call.",
+    ]
+    if env["device"] == "cuda":
+        out.append("+graph rows: one AdamL step captured in a CUDA graph and replayed "
+                   "(gradients fixed, no host work per step): the lower bound.")
+    return out
+
+
+def format_host_table(rows: list[dict]) -> str:
+    head = (f"{'tensors':>7} {'backend':<14} {'dtype':<8} {'us/step':>10} {'p10-p90 us':>19} "
+            f"{'host us':>9} {'us/tensor':>9} {'x fused':>7} {'reps':>5}  grads")
+    lines = [head, "-" * len(head)]
+    previous = None
+    for r in rows:
+        key = (r["n_tensors"], r["dtype"])
+        if previous is not None and key != previous:
+            lines.append("")
+        previous = key
+        left = f"{r['n_tensors']:>7,} {r['backend']:<14} {r['dtype']:<8}"
+        if r["skipped"]:
+            lines.append(f"{left}  skipped: {r['skipped']}")
+            continue
+        spread = f"{r['p10_us']:.1f}-{r['p90_us']:.1f}"
+        lines.append(
+            f"{left} {r['us_per_step']:>10.1f} {spread:>19} {r['host_us']:>9.1f} "
+            f"{r['us_per_tensor']:>9.3f} {fmt(r['vs_torch_fused'], '.3f'):>7} {r['reps']:>5}  "
+            f"{r['grads']}")
+    return "\n".join(lines)
+
+
 def write_plot(rows: list[dict], path: str, title: str) -> str | None:
     """GB/s against parameters, one line per backend (the copy too). Returns a note if skipped."""
     try:
