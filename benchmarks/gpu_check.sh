@@ -13,8 +13,9 @@
 #
 # Every step runs under its own time limit and the script always reaches the summary; it exits
 # non-zero if any step failed. Expected (not yet measured): under 5 minutes on an H200 machine
-# (build ~1.5, tests ~1.5, quick benchmark ~1.5). The benchmark runs with --quick (1M, 16M, 256M,
-# GPT-2 small, 5,000 small tensors); ADAML_GPU_BENCH_ARGS= (empty) runs the full 1M-1B sweep.
+# (build ~1.5, tests ~1.5, quick benchmark ~1.5, host-overhead case ~0.5). The benchmark runs with
+# --quick (1M, 16M, 256M, GPT-2 small, 5,000 small tensors); ADAML_GPU_BENCH_ARGS= (empty) runs
+# the full 1M-1B sweep.
 # To add a step (e.g. a benchmark), add a `run_step NAME LIMIT_S COMMAND...` line at the end of
 # the steps section, before the summary.
 #
@@ -105,6 +106,10 @@ run_step bench 300 "$PY" -m adaml_kernels.bench --device cuda --no-progress ${AD
     --json "$OUT/bench.json" --plot "$OUT/bench.png"
 run_step bench_memory 120 "$PY" -m adaml_kernels.bench --device cuda --memory-check --quick \
     --json "$OUT/bench_memory.json"
+# Host overhead: 1, 100, 1,000 and 5,000 one-element tensors with new gradients every step, one
+# thread, AdamL against torch's fused and foreach Adam; a CUDA-graph replay is the lower bound.
+run_step bench_host 120 "$PY" -m adaml_kernels.bench --device cuda --no-progress --quick \
+    --host-overhead --json "$OUT/bench_host.json"
 
 # --------------------------------------------------------------------------------- summary
 {
@@ -121,6 +126,12 @@ run_step bench_memory 120 "$PY" -m adaml_kernels.bench --device cuda --memory-ch
     fi
     if [ -f "$OUT/bench.log" ]; then
         echo "  bench goals:"; grep -E '^  (PASS|FAIL|n/a) ' "$OUT/bench.log" | sed 's/^/  /'
+    fi
+    if [ -f "$OUT/bench_host.log" ]; then
+        echo "  host-overhead goals:"
+        grep -E '^  (PASS|FAIL|n/a) ' "$OUT/bench_host.log" | sed 's/^/  /'
+        echo "  CUDA-graph replay (lower bound), us/step:"
+        grep -E '^ *[0-9,]+ +[a-z]+\+graph ' "$OUT/bench_host.log" | sed 's/^/    /'
     fi
     if [ -f "$OUT/bench_memory.log" ]; then
         echo "  extra peak bytes per step:"

@@ -16,12 +16,12 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from adaml_kernels import bench  # noqa: E402
+from adaml_kernels.bench import cases, contenders, params  # noqa: E402
 
 CASES = {
     "1M": [(1 << 20,)],  # one tensor
-    "gpt2_tiny": bench.gpt2_small_shapes(n_layer=2, d=128, vocab=2048, ctx=256),
-    "small_x500": bench.many_small_shapes(500),
+    "gpt2_tiny": cases.gpt2_small_shapes(n_layer=2, d=128, vocab=2048, ctx=256),
+    "small_x500": cases.many_small_shapes(500),
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SETS = 3
@@ -30,7 +30,7 @@ SETS = 3
 def _contenders():
     out = []
     for dev in DEVICES:
-        found, _notes = bench.contenders_for(torch.device(dev))
+        found, _notes = contenders.contenders_for(torch.device(dev))
         out += [pytest.param(dev, c.name, id=f"{dev}-{c.name}") for c in found]
     return out
 
@@ -48,13 +48,13 @@ def _timed(device: str, fn):
 @pytest.mark.parametrize("device,name", _contenders())
 def test_step(benchmark, device, name, case):
     dev = torch.device(device)
-    contender = next(c for c in bench.contenders_for(dev)[0] if c.name == name)
+    contender = next(c for c in contenders.contenders_for(dev)[0] if c.name == name)
     shapes = CASES[case]
     if name == "reference" and len(shapes) > 1:
         pytest.skip("the reference backend steps one tensor at a time: too slow for lists")
-    workload = bench.Case("sweep" if len(shapes) == 1 else "list", case, shapes)
-    filler = bench._Filler(dev, 0)
-    sets = [bench.make_set(workload, torch.float32, dev, filler) for _ in range(SETS)]
+    workload = cases.Case("sweep" if len(shapes) == 1 else "list", case, shapes)
+    filler = params.Filler(dev, 0)
+    sets = [params.make_set(workload, torch.float32, dev, filler) for _ in range(SETS)]
     opts = [contender.make(ps) for ps in sets]
     loss = torch.tensor(2.0, device=dev)
     for opt in opts:  # warm-up: state, tables, kernels
@@ -78,7 +78,7 @@ def test_step(benchmark, device, name, case):
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_baseline(benchmark, device, case):
     """dst.copy_(src) moving the same bytes as an fp32 AdamL step (28 B/param, read + write)."""
-    n = bench.Case("list", case, CASES[case]).n_params * 28 // 8  # float32 elements per buffer
+    n = cases.Case("list", case, CASES[case]).n_params * 28 // 8  # float32 elements per buffer
     srcs = [torch.ones(n, device=device) for _ in range(SETS)]
     dsts = [torch.empty(n, device=device) for _ in range(SETS)]
     turn = [0]

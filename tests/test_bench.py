@@ -1,4 +1,4 @@
-"""Smoke tests of adaml-bench (adaml_kernels/bench.py). No timing is ever asserted."""
+"""Smoke tests of adaml-bench (the adaml_kernels/bench package). No timing is ever asserted."""
 
 import json
 import math
@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 
-from adaml_kernels import available_backends, bench
+from adaml_kernels import available_backends
+from adaml_kernels.bench import cases, cli, contenders, goals, host_overhead, timing
+from adaml_kernels.bench.rows import REQUIRED_KEYS
 
 SMOKE = ["--device", "cpu", "--smoke", "--no-progress"]
 
@@ -22,7 +24,7 @@ def _measured(rows):
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "bench.json", out / "bench.png"
-    rc = bench.main(SMOKE + ["--sizes", "1000", "--json", str(json_path), "--plot", str(png_path)])
+    rc = cli.main(SMOKE + ["--sizes", "1000", "--json", str(json_path), "--plot", str(png_path)])
     return rc, json_path, png_path
 
 
@@ -32,7 +34,7 @@ def test_cli_writes_json_rows_with_the_required_keys(smoke_run):
     rows = json.loads(json_path.read_text())
     assert isinstance(rows, list) and rows
     for r in rows:
-        for key in bench.REQUIRED_KEYS:
+        for key in REQUIRED_KEYS:
             assert key in r, key
     measured = _measured(rows)
     assert {r["case"] for r in measured} == {"1000", "gpt2_small", "many_small"}
@@ -63,7 +65,7 @@ def test_cli_writes_a_png(smoke_run):
 
 
 def test_cli_prints_the_table_and_the_traffic_model(tmp_path, capsys):
-    assert bench.main(SMOKE + ["--sizes", "1000", "--lists", "none"]) == 0
+    assert cli.main(SMOKE + ["--sizes", "1000", "--lists", "none"]) == 0
     out = capsys.readouterr().out
     assert "28 B/param" in out and "median ms" in out and "torch_fused" in out
 
@@ -72,7 +74,7 @@ def test_bf16_traffic_model(tmp_path):
     path = tmp_path / "bf16.json"
     args = SMOKE + ["--sizes", "1000", "--lists", "none", "--dtype", "bf16", "--json", str(path),
                     "--backends", "reference,torch_fused"]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = {r["backend"]: r for r in json.loads(path.read_text())}
     assert set(rows) == {"reference", "torch_fused"}
     assert rows["reference"]["dtype"] == "bfloat16"
@@ -88,7 +90,7 @@ def test_missing_matplotlib_and_tqdm_do_not_crash(tmp_path, monkeypatch, capsys)
     png = tmp_path / "x.png"
     args = ["--device", "cpu", "--smoke", "--sizes", "1000", "--lists", "none",
             "--backends", "torch_fused", "--plot", str(png)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     captured = capsys.readouterr()
     assert "matplotlib is not installed" in captured.out
     assert "tqdm is not installed" in captured.err
@@ -96,7 +98,7 @@ def test_missing_matplotlib_and_tqdm_do_not_crash(tmp_path, monkeypatch, capsys)
 
 
 def test_memory_check_needs_cuda(capsys):
-    assert bench.main(["--device", "cpu", "--memory-check"]) == 2
+    assert cli.main(["--device", "cpu", "--memory-check"]) == 2
     assert "CUDA" in capsys.readouterr().err
 
 
@@ -104,7 +106,7 @@ def test_memory_check_needs_cuda(capsys):
 def test_memory_check_on_cuda(tmp_path):
     path = tmp_path / "mem.json"
     args = ["--device", "cuda", "--memory-check", "--smoke", "--sizes", "4096", "--json", str(path)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = json.loads(path.read_text())
     assert {"torch_fused", "torch_foreach"} <= {r["backend"] for r in rows if not r["skipped"]}
     for r in rows:
@@ -113,41 +115,41 @@ def test_memory_check_on_cuda(tmp_path):
 
 
 def test_workload_shapes():
-    gpt2 = bench.gpt2_small_shapes()
+    gpt2 = cases.gpt2_small_shapes()
     assert len(gpt2) == 148
     assert sum(math.prod(s) for s in gpt2) == 124_439_808
-    small = bench.many_small_shapes()
+    small = cases.many_small_shapes()
     assert len(small) == 5000
-    assert small == bench.many_small_shapes()  # deterministic
+    assert small == cases.many_small_shapes()  # deterministic
     assert max(math.prod(s) for s in small) <= 64 * 64 * 9
 
 
 def test_parse_size_and_labels():
-    assert bench.parse_size("1M") == 1 << 20
-    assert bench.parse_size("1B") == bench.parse_size("1G") == 1 << 30
-    assert bench.parse_size("4096") == 4096
-    assert bench.parse_size("1e6") == 1_000_000
-    assert bench.parse_size("1.5k") == 1536
+    assert cases.parse_size("1M") == 1 << 20
+    assert cases.parse_size("1B") == cases.parse_size("1G") == 1 << 30
+    assert cases.parse_size("4096") == 4096
+    assert cases.parse_size("1e6") == 1_000_000
+    assert cases.parse_size("1.5k") == 1536
     with pytest.raises(Exception):
-        bench.parse_size("lots")
-    assert bench.size_label(64 << 20) == "64M" and bench.size_label(1000) == "1000"
+        cases.parse_size("lots")
+    assert cases.size_label(64 << 20) == "64M" and cases.size_label(1000) == "1000"
 
 
 def test_traffic_model_and_rotation():
-    assert bench.traffic_per_param("adaml", torch.float32) == 28
-    assert bench.traffic_per_param("adaml", torch.bfloat16) == 22
-    assert bench.traffic_per_param("torch", torch.bfloat16) == 14
+    assert contenders.traffic_per_param("adaml", torch.float32) == 28
+    assert contenders.traffic_per_param("adaml", torch.bfloat16) == 22
+    assert contenders.traffic_per_param("torch", torch.bfloat16) == 14
     cache = 32 << 20
-    assert bench.rotation_sets(1 << 30, cache, 4) == 1  # one step evicts its own data
-    assert bench.rotation_sets(28 << 20, cache, 4) == 4
-    assert 2 <= bench.rotation_sets(100 << 20, cache, 4) <= 4
+    assert timing.rotation_sets(1 << 30, cache, 4) == 1  # one step evicts its own data
+    assert timing.rotation_sets(28 << 20, cache, 4) == 4
+    assert 2 <= timing.rotation_sets(100 << 20, cache, 4) <= 4
 
 
 def test_bad_arguments_exit_with_usage_error():
     for args in (["--sizes", "lots"], ["--dtype", "int8"], ["--lists", "resnet"],
                  ["--backends", "sgd"]):
         with pytest.raises(SystemExit) as info:
-            bench.main(["--device", "cpu", "--smoke"] + args)
+            cli.main(["--device", "cpu", "--smoke"] + args)
         assert info.value.code == 2
 
 
@@ -159,14 +161,14 @@ def test_runs_as_a_module(monkeypatch, capsys):
         runpy.run_module("adaml_kernels.bench", run_name="__main__")
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "--quick" in out and "--memory-check" in out
+    assert "--quick" in out and "--memory-check" in out and "--host-overhead" in out
 
 
 def test_cases_over_the_memory_budget_are_skipped_not_fatal(tmp_path, capsys):
     path = tmp_path / "tiny_budget.json"
     args = SMOKE + ["--sizes", "4096", "--lists", "none", "--memory-budget", "1e-12",
                     "--json", str(path)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = json.loads(path.read_text())
     assert rows and all(r["skipped"] and r["median_ms"] is None for r in rows)
     assert "memory budget" in capsys.readouterr().out
@@ -182,9 +184,105 @@ def test_goal_lines_read_the_rows():
             row("256M", "torch_fused", big, 10.2, 91.0),
             row("many_small", "cuda", 17_000_000, 1.0, 40.0),
             row("many_small", "torch_fused", 17_000_000, 1.2, 30.0)]
-    lines = bench.goal_lines(rows, torch.device("cuda"))
+    lines = goals.goal_lines(rows, torch.device("cuda"))
     assert sum(line.startswith("PASS") for line in lines) == 3
     assert [line for line in lines if line.startswith("FAIL")] == [
         "FAIL  cuda >= 1.3x faster than torch fused on many_small: 1.20x"]
     cpu_rows = [row("1M", "cpu", 1 << 20, 1.06, 100.0), row("1M", "torch_fused", 1 << 20, 1.0, 1)]
-    assert bench.goal_lines(cpu_rows, torch.device("cpu"))[0].startswith("FAIL")
+    assert goals.goal_lines(cpu_rows, torch.device("cpu"))[0].startswith("FAIL")
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("host") / "host.json"
+    threads = torch.get_num_threads()
+    rc = cli.main(SMOKE + ["--host-overhead", "--json", str(path)])
+    return rc, json.loads(path.read_text()), threads
+
+
+def test_host_overhead_rows(host_run):
+    rc, rows, _ = host_run
+    assert rc == 0
+    fused_adaml = {"cpu"} & set(available_backends("cpu"))  # triton is skipped on the CPU
+    for n in host_overhead.SMOKE_COUNTS:
+        names = {r["backend"] for r in _measured(rows) if r["n_tensors"] == n}
+        assert {"torch_fused", "torch_foreach"} | fused_adaml <= names, (n, names)
+        assert "reference" not in names  # not fused: only when asked for
+    for r in rows:
+        for key in host_overhead.HOST_KEYS + REQUIRED_KEYS:
+            assert key in r, key
+    for r in _measured(rows):
+        assert r["kind"] == "host" and r["threads"] == 1 and r["grads"] == "replaced every step"
+        assert r["n_params"] == r["n_tensors"] and r["reps"] >= 2
+        for key in ("us_per_step", "p10_us", "p90_us", "host_us", "us_per_tensor",
+                    "vs_torch_fused"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["us_per_tensor"] == pytest.approx(r["us_per_step"] / r["n_tensors"])
+        assert r["us_per_step"] == pytest.approx(1e3 * r["median_ms"])
+        if r["backend"] == "torch_fused":
+            assert r["vs_torch_fused"] == pytest.approx(1.0)
+
+
+def test_host_overhead_restores_the_thread_count(host_run):
+    assert torch.get_num_threads() == host_run[2]
+
+
+def test_host_overhead_prints_table_and_goals(capsys):
+    args = SMOKE + ["--host-overhead", "1,3", "--backends", "reference,torch_fused"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "us/step" in out and "us/tensor" in out and "Goals (host overhead):" in out
+    goal = [line for line in out.splitlines() if "torch fused <=" in line or "n/a" in line]
+    assert goal and all(line.strip().split()[0] in ("PASS", "FAIL", "n/a") for line in goal)
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "3 "))]
+    assert {(r[0], r[1]) for r in rows} == {(n, b) for n in ("1", "3")
+                                            for b in ("reference", "torch_fused")}
+
+
+def test_host_overhead_bad_arguments():
+    for args in (["--host-overhead", "lots"], ["--host-overhead", "--memory-check"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--device", "cpu", "--smoke"] + args)
+        assert info.value.code == 2
+
+
+def test_host_goal_lines_read_the_rows():
+    def row(n, backend, us, ratio):
+        return {"n_tensors": n, "backend": backend, "dtype": "float32", "us_per_step": us,
+                "vs_torch_fused": ratio, "skipped": None}
+
+    rows = [row(1, "cpu", 20.0, 0.4), row(1, "torch_fused", 50.0, 1.0),
+            row(100, "cpu", 30.0, 0.1), row(1000, "cpu", 600.0, 0.3),
+            row(5000, "cpu+graph", 1.0, 0.01), row(5000, "reference", 1e5, 9.0)]
+    lines = goals.host_goal_lines(rows)
+    assert lines == [
+        "PASS  cpu / torch fused <= 0.5 at 1 tensor (float32): 0.400 (20.0 vs 50.0 us/step)",
+        "FAIL  cpu / torch fused <= 0.2 at 1,000 tensors (float32): 0.300 "
+        "(600.0 vs 2000.0 us/step)",
+    ]
+    assert goals.host_goal_lines([])[0].startswith("n/a")
+
+
+def test_a_failed_graph_capture_is_a_row_not_a_crash():
+    """On the CPU the capture fails (no CUDA stream): the row says why."""
+    dev = torch.device("cpu")
+    case = cases.Case("host", "host_2", [(1,), (1,)])
+    params = host_overhead.make_set(case, torch.float32, dev, host_overhead.Filler(dev, 0))
+    c = contenders.adaml_contender("reference")
+    env = host_overhead.environment(dev)
+    row = host_overhead._graph_row(c, case, torch.float32, params, [p.grad for p in params],
+                                   timing.Timer(dev), host_overhead.host_policy(False, True), env)
+    assert row["backend"] == "reference+graph" and row["us_per_step"] is None
+    assert row["skipped"].startswith("CUDA graph capture or replay failed: ")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_overhead_on_cuda_reports_the_graph_rows(tmp_path):
+    path = tmp_path / "host_cuda.json"
+    assert cli.main(["--device", "cuda", "--smoke", "--host-overhead", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    graph = [r for r in rows if r["backend"].endswith("+graph")]
+    assert graph  # measured, or skipped with the capture's failure as the reason
+    for r in graph:
+        assert r["grads"] == "fixed (CUDA graph)"
+        assert r["skipped"] or r["us_per_step"] > 0

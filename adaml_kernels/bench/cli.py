@@ -1,0 +1,213 @@
+"""adaml-bench's command line: the options, and main() printing what the run measured."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+
+import torch
+
+from .cases import DTYPES, LIST_NAMES, default_sizes, list_cases, parse_size, sweep_cases
+from .contenders import ADAML_BACKENDS, TORCH_CONTENDERS
+from .environment import environment
+from .goals import goal_lines, host_goal_lines
+from .host_overhead import HOST_COUNTS, SMOKE_COUNTS, run_host_overhead
+from .memory import format_memory_table, run_memory_check
+from .report import (
+    busy_warnings, format_host_table, format_table, header_lines, host_header_lines, write_json,
+    write_plot,
+)
+from .run import BenchConfig, run_benchmark
+
+
+def _parse_list(text: str, allowed, what: str) -> list[str]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for t in items:
+        if t not in allowed:
+            raise argparse.ArgumentTypeError(f"unknown {what} {t!r}; choose from {allowed}")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adaml-bench",
+        description="Time AdamL's backends against torch.optim.Adam (fused, foreach): full "
+                    "opt.step time, GB/s under the traffic model, % of a copy measured in the "
+                    "same run, and the time relative to torch's fused Adam.",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when there is one, else cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer sizes and repetitions (CPU: 1M, 4M, 16M and both lists, < 2 min)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated single-tensor sizes, e.g. 1M,4M,16M (K/M/G = 2^10/20/30, "
+                        "1B = 2^30), or 'none'. Default: 1M-64M on the CPU, 1M-1B on the GPU")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated parameter dtypes: float32, bfloat16, float16, float64")
+    p.add_argument("--lists", default="gpt2,many_small",
+                   help="parameter lists to run: gpt2, many_small, or 'none'")
+    p.add_argument("--backends", default=None,
+                   help="only these optimizers (comma-separated): reference, triton, cpu, cuda, "
+                        "torch_fused, torch_foreach. Default: every available one")
+    p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against size")
+    p.add_argument("--memory-check", action="store_true",
+                   help="CUDA only: instead of timing, report the peak memory one opt.step "
+                        "allocates beyond the state, per optimizer (default cases: 16M, 256M "
+                        "and both lists)")
+    p.add_argument("--host-overhead", nargs="?", const="default", default=None,
+                   metavar="COUNTS",
+                   help="instead of the size sweep, time the host-overhead case: COUNTS "
+                        "one-element tensors (comma-separated, default 1,100,1000,5000) whose "
+                        "gradients are replaced before every step, one CPU thread; AdamL's fused "
+                        "backends (the reference only with --backends) against torch fused and "
+                        "foreach Adam, in us per step and per tensor; on CUDA also a "
+                        "CUDA-graph replay of an AdamL step (the lower bound)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="FRACTION",
+                   help="fraction of free memory the benchmark may use (default 0.4 CPU, 0.85 GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and the kernels (torch.set_num_threads); "
+                        "default: torch's default")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny, for tests
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    try:
+        dtypes = []
+        for t in _parse_list(args.dtype, tuple(DTYPES), "dtype"):
+            if DTYPES[t] not in dtypes:
+                dtypes.append(DTYPES[t])
+        lists = _parse_list(args.lists, LIST_NAMES, "list")
+        wanted = None if args.backends is None else _parse_list(
+            args.backends, ADAML_BACKENDS + TORCH_CONTENDERS, "backend")
+        counts = None
+        if args.host_overhead == "default":
+            counts = list(SMOKE_COUNTS if args.smoke else HOST_COUNTS)
+        elif args.host_overhead is not None:
+            counts = [parse_size(s) for s in args.host_overhead.split(",") if s.strip()]
+        if args.sizes is not None:
+            sizes = [] if args.sizes.strip().lower() == "none" else [
+                parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        elif args.smoke:
+            sizes = [1000, 4096]
+        elif args.memory_check:
+            sizes = [16 << 20, 256 << 20]
+        else:
+            sizes = default_sizes(device, args.quick)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if not dtypes:
+        parser.error("--dtype: give at least one dtype")
+    if counts is not None and not counts:
+        parser.error("--host-overhead: give at least one tensor count")
+    if counts is not None and args.memory_check:
+        parser.error("--host-overhead and --memory-check are separate runs: choose one")
+
+    t_start = time.perf_counter()
+    if args.memory_check:
+        return _memory_check(args, device, sizes, lists, dtypes, wanted)
+    if counts is not None:
+        return _host_overhead(args, device, counts, dtypes, wanted, t_start)
+
+    cfg = BenchConfig(device, sizes, lists, dtypes, quick=args.quick, smoke=args.smoke,
+                      backends=wanted, budget_fraction=args.memory_budget,
+                      progress=not args.no_progress)
+    if not cfg.sizes and not cfg.lists:
+        parser.error("nothing to run: --sizes none and --lists none")
+    gc.collect()
+    gc.freeze()  # what is alive now stays: full collections during timing get cheap
+    try:
+        rows, info = run_benchmark(cfg)
+    finally:
+        gc.unfreeze()
+    env = info["env"]
+    elapsed = time.perf_counter() - t_start
+    for line in header_lines(info, dtypes, args.quick) + busy_warnings(env, rows):
+        print(line)
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print()
+    print(format_table(rows))
+    print()
+    print("Goals:")
+    for line in goal_lines(rows, device):
+        print(f"  {line}")
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        title = f"AdamL vs torch Adam on {env['device_name']}"
+        note = write_plot(rows, args.plot, title)
+        print(f"note: {note}" if note else f"wrote {args.plot}")
+    print(f"done in {elapsed:.1f} s")
+    return 0
+
+
+def _host_overhead(args, device, counts, dtypes, wanted, t_start) -> int:
+    gc.collect()
+    gc.freeze()  # as for the sweep: full collections during timing get cheap
+    try:
+        rows, info = run_host_overhead(device, counts, dtypes, wanted, args.quick, args.smoke)
+    finally:
+        gc.unfreeze()
+    for line in host_header_lines(info, args.quick) + busy_warnings(info["env"], rows):
+        print(line)
+    if args.threads is not None:
+        print("note: --threads is ignored here: the host-overhead case runs with one thread")
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print()
+    print(format_host_table(rows))
+    print()
+    print("Goals (host overhead):")
+    for line in host_goal_lines(rows):
+        print(f"  {line}")
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print("note: no plot for the host-overhead case")
+    print(f"done in {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def _memory_check(args, device, sizes, lists, dtypes, wanted) -> int:
+    if device.type != "cuda":
+        print("adaml-bench --memory-check needs a CUDA device (--device cuda); "
+              "torch does not track peak CPU allocations", file=sys.stderr)
+        return 2
+    cases = sweep_cases(sizes) + list_cases(lists, smoke=args.smoke)
+    rows = []
+    for dt in dtypes:
+        rows += run_memory_check(device, cases, dt, wanted)
+    env = environment(device)
+    print(f"adaml-bench memory check on {env['device_name']} (torch {env['torch_version']}, "
+          f"triton {env['triton_version']})")
+    print("extra peak bytes: max_memory_allocated during one opt.step (after 2 warm-up steps)"
+          " minus memory_allocated before it; state MB: what the optimizer allocated.")
+    print(format_memory_table(rows))
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
