@@ -80,6 +80,8 @@ def process_group(loss_group):
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    if hasattr(loss_group, "get_group"):  # a 1-D DeviceMesh, e.g. mesh["dp"]
+        loss_group = loss_group.get_group()
     group = dist.group.WORLD if loss_group == "world" else loss_group
     return group if dist.get_world_size(group) > 1 else None
 

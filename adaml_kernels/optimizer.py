@@ -157,8 +157,6 @@ class AdamL(torch.optim.Optimizer):
         """As torch.optim.Adam's, with each state tensor copied out of the flat buffers."""
         sd = super().state_dict()
         sd["state"] = {k: _copy_out(v) for k, v in sd["state"].items()}
-        if self._skipped is not None:
-            sd["adaml"] = {"skipped_steps": self._skipped.clone()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -191,17 +189,21 @@ class AdamL(torch.optim.Optimizer):
                 imported[id_map[key]] = _import_param_state(id_map[key], st)
             else:  # torch.optim keeps state that belongs to no parameter as it is
                 imported[key] = st
-        initial_loss = _first_initial_loss(imported.values(), self._home_device())
-        skipped = state_dict.get("adaml", {}).get("skipped_steps")
+        device = self._home_device()
+        shared = {
+            "initial_loss": _first_value(imported.values(), "initial_loss", device),
+            # (checkpoints before the count moved into the state kept it beside it)
+            "skipped_steps": _first_value(imported.values(), "skipped_steps", device)
+            if "adaml" not in state_dict else
+            state_dict["adaml"]["skipped_steps"].to(device, torch.float64, copy=True),
+        }
         with _hooks_held(self):
             super().load_state_dict({**state_dict, "state": {}})
         self.state.update(imported)
-        self._initial_loss = initial_loss
+        self._initial_loss, self._skipped = shared["initial_loss"], shared["skipped_steps"]
         for st in self.state.values():
-            if isinstance(st, dict) and "initial_loss" in st:
-                st["initial_loss"] = initial_loss
-        self._skipped = None if skipped is None else skipped.to(
-            self._home_device(), torch.float64, copy=True)
+            if isinstance(st, dict) and "step" in st:
+                self._share_scalars(st)
         self._invalidate()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -255,14 +257,40 @@ class AdamL(torch.optim.Optimizer):
         if not any(params for params, _ in actives):
             self._pending.take()
             return loss  # no gradient anywhere: nothing to do, as in torch.optim
+        if loss is None and _every_lr_is_zero(self.param_groups):
+            # torch.distributed.checkpoint makes a new optimizer's state with a step of zero
+            # gradients, lr 0 and no loss: make the state, change nothing else.
+            self._apply(self._changes(actives))
+            return None
         losses.check_loss(loss)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        changes = self._changes(actives)  # everything is checked before anything changes
+        self._pending.take()
+        group = losses.process_group(self.loss_group)
+        if losses.is_nonfinite_number(loss) and group is None:
+            # Skipped on the host alone (under loss averaging every rank must join the
+            # all-reduce, so there the skip is decided on the device).
+            self._count_skip(None)
+            self._taken = torch.zeros((), dtype=torch.float32, device=self._home_device())
+            return loss
+        self._apply(changes)
 
-        # Check everything before anything changes: a step that cannot be taken changes nothing.
+        inputs = self._step_inputs(loss, group, grad_scale, found_inf)
+        on_device = {}
+        for gi, group_dict in enumerate(self.param_groups):
+            plan = self._plans[gi]
+            if plan is not None and plan.buckets and actives[gi][0]:
+                planning.run(plan.buckets, Hyperparams.from_group(group_dict), inputs, on_device)
+        self._count_skip(inputs.take)
+        return loss
+
+    def _changes(self, actives) -> dict:
+        """What each group's plan needs (checked; raises before anything changes): group index
+        -> ("grads" or "all", its params, their grads, their backends)."""
         if self.state.version != self._planned_state_version:  # a state entry set or deleted
             self._invalidate()
-        changes = {}  # group index -> ("grads" or "all", its params, their grads, backends)
+        changes = {}
         for gi, (params, grads) in enumerate(actives):
             plan = self._plans[gi]
             change = "all" if plan is None else plan.change(params, grads)
@@ -273,14 +301,9 @@ class AdamL(torch.optim.Optimizer):
                 changes[gi] = (change, params, grads, names)
             elif change == "grads":
                 changes[gi] = (change, params, grads, None)
-        self._pending.take()
-        group = losses.process_group(self.loss_group)
-        if losses.is_nonfinite_number(loss) and group is None:
-            # Skipped on the host alone (under loss averaging every rank must join the
-            # all-reduce, so there the skip is decided on the device).
-            self._count_skip(None)
-            self._taken = torch.zeros((), dtype=torch.float32, device=self._home_device())
-            return loss
+        return changes
+
+    def _apply(self, changes: dict) -> None:
         for gi, (change, params, grads, names) in changes.items():
             if change == "grads":
                 self._plans[gi].replace_grads(grads)
@@ -288,17 +311,9 @@ class AdamL(torch.optim.Optimizer):
                 self._plans[gi] = planning.make_group_plan(
                     params, grads, names, self.state, self.param_groups[gi]["params"],
                     self._packed, gi)
-                self._share_initial_loss(params)
+                for p in params:
+                    self._share_scalars(self.state[p])
         self._planned_state_version = self.state.version
-
-        inputs = self._step_inputs(loss, group, grad_scale, found_inf)
-        on_device = {}
-        for gi, group_dict in enumerate(self.param_groups):
-            plan = self._plans[gi]
-            if plan is not None and plan.buckets and actives[gi][0]:
-                planning.run(plan.buckets, Hyperparams.from_group(group_dict), inputs, on_device)
-        self._count_skip(inputs.take)
-        return loss
 
     def _step_inputs(self, loss, group, grad_scale, found_inf) -> StepInputs:
         """The loss (averaged over `group`), the skip decision and f_1, on the home device."""
@@ -324,11 +339,16 @@ class AdamL(torch.optim.Optimizer):
                 return p.device
         return torch.device("cpu")
 
-    def _share_initial_loss(self, params) -> None:
+    def _share_scalars(self, st: dict) -> None:
+        """Put the optimizer's f_1 and skip count into a parameter's state: the same tensors in
+        every entry, so that they are saved wherever the state goes (DCP keeps only `state`
+        and `param_groups`)."""
         if self._initial_loss is None:
             self._initial_loss = losses.new_initial_loss(self._home_device())
-        for p in params:
-            self.state[p]["initial_loss"] = self._initial_loss
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.float64, device=self._home_device())
+        st["initial_loss"] = self._initial_loss
+        st["skipped_steps"] = self._skipped
 
     def _count_skip(self, take: torch.Tensor | None) -> None:
         if self._skipped is None:
@@ -427,7 +447,7 @@ def _import_param_state(p: torch.Tensor, saved) -> dict:
             value = value.to(device=p.device, dtype=mdt, copy=True)
         elif key == "step":
             value = torch.as_tensor(value, dtype=torch.float32).to(p.device, copy=True)
-        elif key == "initial_loss":
+        elif key in ("initial_loss", "skipped_steps"):
             value = torch.as_tensor(value, dtype=torch.float64).to(p.device, copy=True)
         elif isinstance(value, torch.Tensor):
             value = value.to(p.device, copy=True)  # e.g. Adam's max_exp_avg_sq, kept as is
@@ -435,15 +455,24 @@ def _import_param_state(p: torch.Tensor, saved) -> dict:
     return out
 
 
-def _first_initial_loss(states, device: torch.device) -> torch.Tensor | None:
-    """f_1 from loaded per-parameter states: the first value that is set (every AdamL state
-    holds the same one; older checkpoints kept one per parameter)."""
+def _first_value(states, key: str, device: torch.device) -> torch.Tensor | None:
+    """An optimizer-wide value (f_1, the skip count) from loaded per-parameter states: the
+    first that is set (every AdamL state holds the same one; older checkpoints kept f_1 per
+    parameter)."""
     found = None
     for st in states:
-        if isinstance(st, dict) and "initial_loss" in st:
-            value = st["initial_loss"]
-            if found is None or (math.isnan(found) and not math.isnan(float(value))):
-                found = float(value)
-    if found is None:
-        return None
-    return torch.tensor(found, dtype=torch.float64).to(device)
+        if isinstance(st, dict) and key in st:
+            value = float(st[key])
+            if found is None or (math.isnan(found) and not math.isnan(value)):
+                found = value
+    return None if found is None else torch.tensor(found, dtype=torch.float64).to(device)
+
+
+def _every_lr_is_zero(groups) -> bool:
+    """Whether every group's lr is 0 (a tensor lr is read only if it is on the CPU)."""
+    def zero(lr):
+        if isinstance(lr, torch.Tensor):
+            return lr.device.type == "cpu" and float(lr) == 0.0
+        return lr == 0
+
+    return all(zero(g["lr"]) for g in groups)

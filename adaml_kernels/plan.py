@@ -20,7 +20,9 @@ from . import backends
 from .buckets import Bucket, is_dense, moment_dtype
 from .hyperparams import Hyperparams
 from .loss import StepInputs
-from .tensor_checks import check_grad, check_kernel_layout, check_param, same_layout
+from .tensor_checks import (
+    check_grad, check_kernel_layout, check_param, is_dtensor, local, same_layout,
+)
 
 # Each parameter's moments start on a 64-byte boundary of the flat buffer.
 ALIGN_BYTES = 64
@@ -31,8 +33,10 @@ ROW_GAP_BYTES = 4096 + 64
 
 
 def param_key(p: torch.Tensor) -> tuple:
-    """What must not change in a parameter for its plan, table and state layout to hold."""
-    return (p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
+    """What must not change in a parameter for its plan, table and state layout to hold (of a
+    DTensor: its local shard, whose address the kernels use)."""
+    t = local(p)
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
 @dataclass
@@ -52,7 +56,7 @@ class GroupPlan:
         if any(map(operator.ne, map(param_key, params), self.param_keys)):
             return "all"
         try:
-            if all(map(operator.eq, (g.data_ptr() for g in grads), self.grad_ptrs)):
+            if all(map(operator.eq, (local(g).data_ptr() for g in grads), self.grad_ptrs)):
                 return None
         except RuntimeError:  # e.g. a sparse gradient has no data pointer: revalidate
             return "all"
@@ -63,9 +67,10 @@ class GroupPlan:
         gradient laid out unlike its parameter, under backend="auto"). Raises if unusable."""
         for (bucket, name), idx in zip(self.buckets, self.members):
             fused = backends.is_fused(name)
-            for p, i in zip(bucket.params, idx):
+            for p, i in zip(bucket.params, idx):  # p: the local tensor
                 g = grads[i]
-                check_grad(p, g)
+                check_grad(self.params[i], g)
+                g = local(g)
                 if fused and g.stride() != p.stride() and not same_layout(p, g):
                     if requested == "auto":
                         return False
@@ -73,6 +78,7 @@ class GroupPlan:
         return True
 
     def replace_grads(self, grads) -> None:
+        grads = [local(g) for g in grads]
         for (bucket, _), idx in zip(self.buckets, self.members):
             bucket.replace_grads([grads[i] for i in idx])
         self.grad_ptrs = [g.data_ptr() for g in grads]
@@ -101,9 +107,9 @@ def check_group(params, grads, state, requested: str) -> list[str]:
                         "another shape after its state was made; reset its state "
                         "(del opt.state[p]) or load a matching state dict"
                     )
-        name = backends.select_for_tensor(requested, p, g)
+        name = backends.select_for_tensor(requested, local(p), local(g))
         if backends.is_fused(name):
-            check_kernel_layout(p, [g], name)
+            check_kernel_layout(local(p), [local(g)], name)
         names.append(name)
     return names
 
@@ -120,15 +126,15 @@ def make_group_plan(params, grads, names, state, group_params, packed: dict, gi:
     for (_, _, name), idx in by_bucket.items():
         views = [state[params[i]] for i in idx]
         bucket = Bucket(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            *([st[key] for st in views] for key in ("exp_avg", "exp_avg_sq", "step")),
+            [local(params[i]) for i in idx],
+            [local(grads[i]) for i in idx],
+            *([local(st[key]) for st in views] for key in ("exp_avg", "exp_avg_sq", "step")),
         )
         buckets.append((bucket, name))
         members.append(idx)
     return GroupPlan(
-        list(params), [param_key(p) for p in params], [g.data_ptr() for g in grads], buckets,
-        members,
+        list(params), [param_key(p) for p in params], [local(g).data_ptr() for g in grads],
+        buckets, members,
     )
 
 
@@ -148,7 +154,7 @@ def run(buckets, hp: Hyperparams, inputs: StepInputs, on_device: dict) -> None:
 
 # ------------------------------------------------------------------------------ flat state
 
-def moment_stride(p: torch.Tensor) -> tuple:
+def moment_stride(p: torch.Tensor) -> tuple:  # p: a plain (or local) tensor
     """Moments have the parameter's strides, so that element i in memory belongs to the same
     logical element in all of them (channels_last weights, transposed views); a parameter that
     is not dense gets contiguous moments."""
@@ -160,10 +166,18 @@ def state_fits(p: torch.Tensor, st: dict | None) -> bool:
     if not st or "exp_avg" not in st:
         return False
     m = st["exp_avg"]
+    if is_dtensor(p) != is_dtensor(m) or (is_dtensor(p) and not _same_spec(p, m)):
+        return False
+    p, m = local(p), local(m)
     return (
         m.device == p.device and m.dtype == moment_dtype(p.dtype) and m.shape == p.shape
         and m.stride() == moment_stride(p)
     )
+
+
+def _same_spec(a, b) -> bool:
+    return (a.device_mesh == b.device_mesh and a.placements == b.placements
+            and a.shape == b.shape)
 
 
 def pack_state(state, group_params, packed: dict, key: tuple, active: list) -> None:
@@ -198,20 +212,46 @@ def pack(members: list[torch.Tensor], state) -> None:
     offsets, total = [], 0
     for p in members:
         offsets.append(total)
-        total += -(-p.numel() // align) * align
+        total += -(-local(p).numel() // align) * align
     # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
     second_row = total + ROW_GAP_BYTES // element
     buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
     steps = torch.zeros(len(members), dtype=torch.float32, device=device)
     for i, (p, off) in enumerate(zip(members, offsets)):
         st = state[p]
-        stride = moment_stride(p)
+        shard = local(p)
+        stride = moment_stride(shard)
         views = {
             "step": steps[i],
-            "exp_avg": buffer.as_strided(p.shape, stride, off),
-            "exp_avg_sq": buffer.as_strided(p.shape, stride, second_row + off),
+            "exp_avg": buffer.as_strided(shard.shape, stride, off),
+            "exp_avg_sq": buffer.as_strided(shard.shape, stride, second_row + off),
         }
         for name, view in views.items():
             if name in st:
-                view.copy_(st[name])
-            st[name] = view
+                view.copy_(_local_part(st[name], p) if name != "step" else st[name])
+            st[name] = view if name == "step" else _like_param(view, p)
+
+
+def _like_param(view: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A moment of p: for a DTensor parameter, a DTensor with p's mesh, placements, global
+    shape and stride whose local tensor is `view` (so that DCP can reshard it)."""
+    if not is_dtensor(p):
+        return view
+    return type(p).from_local(view, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def _local_part(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of a saved moment that p's local shard holds."""
+    if not is_dtensor(p):
+        return local(value) if not is_dtensor(value) else value.full_tensor()
+    if is_dtensor(value):
+        if value.placements != p.placements or value.device_mesh != p.device_mesh:
+            value = value.redistribute(p.device_mesh, p.placements)
+        return local(value)
+    # A whole (unsharded) moment, e.g. from a one-process checkpoint: slice out this shard.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    return value[index]

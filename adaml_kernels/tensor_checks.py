@@ -7,16 +7,32 @@ import torch
 from .buckets import is_dense
 
 
+try:  # DTensor: FSDP2 and tensor-parallel parameters
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without torch.distributed
+    DTensor = None
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels update: a DTensor's local shard (its own storage, the attribute
+    FSDP2 itself uses; to_local() would make a new view at every call), else t itself."""
+    return t._local_tensor if is_dtensor(t) else t
 
 
 def check_param(p: torch.Tensor, what: str = "parameter") -> None:
     if is_dtensor(p):
-        raise ValueError(
-            f"AdamL does not support DTensor {what}s yet (FSDP2, tensor parallel): its kernels "
-            "update local storage through a pointer table. FSDP with flat parameters and DDP work"
-        )
+        partial = [pl for pl in p.placements if pl.is_partial()]
+        if partial:
+            raise ValueError(
+                f"AdamL does not support DTensor {what}s with Partial placements ({p.placements})"
+                ": a partial value is not the parameter itself; reduce it first (Shard and "
+                "Replicate placements are supported)"
+            )
+        p = local(p)
     if p.is_complex():
         raise ValueError(f"AdamL does not support complex {what}s (got {p.dtype})")
     if not p.is_floating_point():
@@ -26,6 +42,15 @@ def check_param(p: torch.Tensor, what: str = "parameter") -> None:
 
 
 def check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    if is_dtensor(p) or is_dtensor(g):
+        if not (is_dtensor(p) and is_dtensor(g) and g.placements == p.placements
+                and g.device_mesh == p.device_mesh):
+            raise ValueError(
+                "a DTensor parameter needs a DTensor gradient with the same mesh and placements "
+                f"(param {getattr(p, 'placements', 'not a DTensor')}, grad "
+                f"{getattr(g, 'placements', 'not a DTensor')})"
+            )
+        p, g = local(p), local(g)
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError("AdamL does not support sparse gradients; use a dense gradient")
     if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:

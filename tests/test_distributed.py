@@ -1,15 +1,13 @@
 """Under data parallelism every rank must use the same l: AdamL averages the loss."""
 
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from adaml_kernels import AdamL
+from ranks import OneRank, run_ranks
 
 # Per rank; the means are 2.0, 1.5, (skipped: one rank's loss is NaN), 1.0.
 LOSSES = {0: [1.0, 2.5, 7.0, 0.5], 1: [3.0, 0.5, float("nan"), 1.5]}
@@ -26,10 +24,7 @@ def grads_for(step, model):
         p.grad = torch.randn(p.shape, generator=g)  # the same on every rank, as after all-reduce
 
 
-def rank_main(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A rank that skipped the all-reduce would leave the other waiting: time out, not hang.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def rank_main(rank, world, out_dir):
     for loss_group in ("world", None):
         model = make_model()
         opt = AdamL(model.parameters(), lr=0.1, eps=1e-2, backend="reference",
@@ -38,21 +33,12 @@ def rank_main(rank, world, port, out_dir):
             grads_for(step, model)
             opt.step(loss)  # a Python number: a NaN on one rank must not skip the all-reduce
         torch.save(model.state_dict(), os.path.join(out_dir, f"{loss_group}-rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    # fork: the children need not import torch again (no CUDA context exists in tests here)
-    method = "spawn" if torch.cuda.is_initialized() else "fork"
-    mp.start_processes(rank_main, args=(2, free_port(), str(out)), nprocs=2, start_method=method)
+    run_ranks(rank_main, 2, str(out))
     return {group: [torch.load(out / f"{group}-rank{r}.pt") for r in (0, 1)]
             for group in ("world", None)}
 
@@ -78,16 +64,12 @@ def test_averaging_can_be_turned_off(rank_results):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_dtensor_parameters_are_refused_clearly(tmp_path):
+def test_partial_dtensor_parameters_are_refused_clearly():
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with OneRank():
         mesh = init_device_mesh("cpu", (1,))
-        param = torch.nn.Parameter(distribute_tensor(torch.randn(4), mesh, [Replicate()]))
-        with pytest.raises(ValueError, match="DTensor"):
+        param = torch.nn.Parameter(DTensor.from_local(torch.randn(4), mesh, [Partial()]))
+        with pytest.raises(ValueError, match="Partial"):
             AdamL([param])
-    finally:
-        dist.destroy_process_group()

@@ -121,7 +121,7 @@ def test_load_state_dict_hooks_see_what_torch_optim_shows_them():
     opt2.register_load_state_dict_pre_hook(pre_hook)
     opt2.register_load_state_dict_post_hook(post_hook)
     opt2.load_state_dict(sd)
-    assert seen == {"pre_keys": {"state", "param_groups", "adaml"}, "post_step": 1.0,
+    assert seen == {"pre_keys": {"state", "param_groups"}, "post_step": 1.0,
                     "post_lr": 0.5}
 
 
