@@ -14,9 +14,11 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
-def _entry(rank, world, store, fn, args):
+def _entry(rank, world, store, backend, fn, args):
     torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         fn(rank, world, *args)
@@ -24,12 +26,13 @@ def _entry(rank, world, store, fn, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args) -> None:
-    """fn(rank, world, *args) on `world` processes; raises if any of them fails."""
+def run_ranks(fn, world: int, *args, backend: str = "gloo") -> None:
+    """fn(rank, world, *args) on `world` processes (one GPU each under "nccl"); raises if any
+    of them fails."""
     store = tempfile.mktemp(prefix="adaml-store-")
     # spawn, not fork: a forked child cannot run autograd once the parent has (nor CUDA).
     try:
-        mp.start_processes(_entry, args=(world, store, fn, args), nprocs=world,
+        mp.start_processes(_entry, args=(world, store, backend, fn, args), nprocs=world,
                            start_method="spawn")
     finally:
         if os.path.exists(store):

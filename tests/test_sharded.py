@@ -49,7 +49,7 @@ def train(model, opt, x, y, losses=None):
 
 
 def full_params(model) -> list[torch.Tensor]:
-    return [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach().clone()
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
             for p in model.parameters()]
 
 
@@ -60,15 +60,15 @@ def normwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # -------------------------------------------------------------------------------- workers
 
 
-def fsdp_parity(rank, world, backend, dtype):
-    """Each rank trains on its half of the batch."""
+def fsdp_parity(rank, world, backend, dtype, device="cpu"):
+    """Each rank trains on its share of the batch."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = mlp(dtype)
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    model = mlp(dtype).to(device)
+    fully_shard(model, mesh=init_device_mesh(device, (world,)))
     shards = [tuple(p.to_local().shape) for p in model.parameters()]
-    x, y = batch(dtype)
+    x, y = (t.to(device) for t in batch(dtype))
     half = x.shape[0] // world
     opt = AdamL(model.parameters(), backend=backend, **KWARGS)
     train(model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
@@ -243,3 +243,28 @@ def test_dcp_from_2_ranks_into_1_process_continues_bitwise(ranks):
     assert all(torch.equal(a, b) for a, b in zip(full_params(model), single))
     assert all(torch.equal(a, b) for a, b in zip(single, results[0]["dcp"]["uninterrupted"]))
     np.testing.assert_equal(results[0]["dcp"]["from1_f1"], results[0]["dcp"]["from2_f1"])
+
+
+# ------------------------------------------------------------------------------------ GPUs
+
+GPU_BACKENDS = adaml_kernels.available_backends("cuda") if torch.cuda.is_available() else []
+
+
+def gpu_worker(rank, world, out_dir):
+    results = {b: fsdp_parity(rank, world, b, torch.float32, "cuda") for b in GPU_BACKENDS}
+    torch.save(results, f"{out_dir}/gpu-rank{rank}.pt")
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA GPU and a GPU backend")
+def test_fsdp2_on_gpus_matches_one_process(tmp_path):
+    # One rank per GPU over NCCL: a 1-rank mesh on one GPU, 2 ranks where there are 2.
+    world = min(2, torch.cuda.device_count())
+    run_ranks(gpu_worker, world, str(tmp_path), backend="nccl")
+    results = torch.load(tmp_path / "gpu-rank0.pt", weights_only=False)
+    for backend in GPU_BACKENDS:
+        model = mlp().cuda()
+        opt = AdamL(model.parameters(), backend=backend, **KWARGS)
+        train(model, opt, *(t.cuda() for t in batch()))
+        params, _, kind = results[backend]
+        assert kind == "DTensor"
+        assert normwise(params, full_params(model)) <= PARITY_BOUND[torch.float32], backend
