@@ -14,9 +14,14 @@ import torch
 _OP = "adaml_kernels::fused_step_"
 
 
+C = None  # the module adaml_kernels._C, once loaded (its functions serve fast_path.py)
+
+
 def _load() -> str | None:
+    global C
     try:
-        importlib.import_module(f"{__package__}._C")  # its static initializers register the ops
+        # Its static initializers register the ops.
+        C = importlib.import_module(f"{__package__}._C")
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}._C":
             return f"cannot be loaded: {type(e).__name__}: {e}"

@@ -9,9 +9,11 @@ from contextlib import contextmanager
 from itertools import chain
 
 import torch
+import torch.optim.optimizer as _optim_module
 
 from . import backends, loss as losses, plan as planning
 from .buckets import moment_dtype
+from .fast_path import FALLBACK, FastPath
 from .hyperparams import DEFAULTS, Hyperparams, validate_group
 from .loss import StepInputs
 from .tensor_checks import check_param
@@ -102,6 +104,7 @@ class AdamL(torch.optim.Optimizer):
         self._planned_state_version = -1  # self.state's version when the plans were made
         self._pending = losses.PendingLoss()
         self._taken: torch.Tensor | None = None
+        self._fast: FastPath | None = None  # the steady-state path, while the plans hold
 
     # ----------------------------------------------------------------- param groups & state
 
@@ -152,6 +155,7 @@ class AdamL(torch.optim.Optimizer):
         self._packed = {}
         self._plans = [None] * len(self.param_groups)
         self._planned_state_version = -1
+        self._fast = None
 
     def state_dict(self) -> dict:
         """As torch.optim.Adam's, with each state tensor copied out of the flat buffers."""
@@ -234,16 +238,42 @@ class AdamL(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- step
 
-    # Compiling this host-side bookkeeping gains nothing (the update is one fused launch per
-    # bucket), so a torch.compile'd training step calls it eagerly.
-    @torch.compiler.disable
-    @torch.no_grad()
     def step(self, loss=None, closure: Callable | None = None):
         """Take one AdamL step and return the loss used (a closure's result if there is one).
 
         The loss is, in this order: what the closure returns, `loss`, or the sum of the losses
         registered with add_loss() since the last step.
         """
+        # torch.optim wraps every step in a profiler range and its hook loops; that costs about
+        # 8 us a step, as much as AdamL's whole step in steady state, so AdamL takes the same
+        # wrapper only when a hook is registered or the profiler is on.
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _optim_module._global_optimizer_pre_hooks
+                or _optim_module._global_optimizer_post_hooks
+                or torch._C._autograd._profiler_enabled()):
+            given = (loss, closure) if closure is not None else (loss,) if loss is not None else ()
+            return self._step_with_hooks(*given)
+        return self._step(loss, closure)
+
+    step.hooked = True  # tells torch.optim not to wrap it again
+
+    def _step(self, loss=None, closure: Callable | None = None):
+        if not torch.compiler.is_compiling() and self._fast is not None and closure is None \
+                and not callable(loss):
+            result = self._fast.step(self, loss)
+            if result is not FALLBACK:
+                return result
+        return self._general_step(loss, closure)
+
+    _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
+
+    # Compiling this host-side bookkeeping gains nothing (the update is one fused launch per
+    # bucket), so a torch.compile'd training step calls it eagerly.
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _general_step(self, loss=None, closure: Callable | None = None):
+        """The step on the general path: everything checked, planned and launched from Python."""
+        self._fast = None
         if callable(loss):
             loss, closure = None, loss
         if closure is not None:
@@ -283,6 +313,8 @@ class AdamL(torch.optim.Optimizer):
             if plan is not None and plan.buckets and actives[gi][0]:
                 planning.run(plan.buckets, Hyperparams.from_group(group_dict), inputs, on_device)
         self._count_skip(inputs.take)
+        if group is None:
+            self._fast = FastPath.build(self)
         return loss
 
     def _changes(self, actives) -> dict:

@@ -45,7 +45,7 @@ class GroupPlan:
 
     params: list[torch.Tensor]  # the parameters that have a gradient, in group order
     param_keys: list[tuple]
-    grad_ptrs: list[int]
+    grad_ptrs: list[int] | None  # None once the fast path has repointed the tables
     buckets: list[tuple[Bucket, str]]  # with the backend that runs each
     members: list[list[int]]  # per bucket, its parameters' indices in `params`
 
@@ -55,6 +55,8 @@ class GroupPlan:
             return "all"
         if any(map(operator.ne, map(param_key, params), self.param_keys)):
             return "all"
+        if self.grad_ptrs is None:  # the fast path repointed the tables: check the gradients
+            return "grads"
         try:
             if all(map(operator.eq, (local(g).data_ptr() for g in grads), self.grad_ptrs)):
                 return None

@@ -156,6 +156,44 @@ void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream, int decay
   }
 }
 
+void run_cuda_step(const StepLaunch& s) {
+  const KernelTable& table = s.table;
+  const int64_t blocks = table.num_chunks;  // an empty tensor has one (a block with no work)
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "adaml_kernels::fused_step_: a bucket of ", table.num_chunks,
+              " chunks exceeds one launch's grid");
+  if (blocks == 0) return;
+  const c10::cuda::CUDAGuard guard(s.take.device());
+  LaunchArgs a;
+  a.rows = table.rows.const_data_ptr<int64_t>();
+  a.chunk_tensor = table.chunk_tensor.const_data_ptr<int32_t>();
+  a.num_chunks = table.num_chunks;
+  a.take = s.take.const_data_ptr<float>();
+  a.loss = s.loss.const_data_ptr();
+  a.loss_type = scalar_type_code(s.loss);
+  a.lr_tensor = s.lr_tensor ? s.lr_tensor->const_data_ptr() : nullptr;
+  a.lr_type = s.lr_tensor ? scalar_type_code(*s.lr_tensor) : kFloat32;
+  a.grad_scale = s.grad_scale ? s.grad_scale->const_data_ptr() : nullptr;
+  a.grad_scale_type = s.grad_scale ? scalar_type_code(*s.grad_scale) : kFloat32;
+  a.initial_loss = s.initial_loss ? s.initial_loss->const_data_ptr<double>() : nullptr;
+  a.aligned = table.aligned;
+  a.hyper = s.hyper;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned grid = static_cast<unsigned>(blocks);
+  const bool has_scale = s.grad_scale.has_value();
+  switch (s.param_type) {
+    case kFloat16:
+      launch<kFloat16>(a, grid, stream, s.decay_mode, s.maximize, has_scale);
+      break;
+    case kBFloat16:
+      launch<kBFloat16>(a, grid, stream, s.decay_mode, s.maximize, has_scale);
+      break;
+    default:
+      launch<kFloat32>(a, grid, stream, s.decay_mode, s.maximize, has_scale);
+      break;
+  }
+}
+
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps,
                      const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
@@ -176,43 +214,56 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const KernelTable table =
       resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, rows, rows_host, chunk_tensor,
                     /*allow_rebuild=*/!capturing);
-  const int64_t blocks = table.num_chunks;  // an empty tensor has one (a block with no work)
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-              "adaml_kernels::fused_step_: a bucket of ", table.num_chunks,
-              " chunks exceeds one launch's grid");
+  run_cuda_step(make_launch(table, static_cast<int64_t>(params.size()), ptype, loss, take,
+                            lr_tensor, grad_scale, initial_loss, lr, beta1, beta2, eps, gamma,
+                            phi, loss_offset, weight_decay, normalize_loss,
+                            decoupled_weight_decay, maximize));
+}
 
-  LaunchArgs a;
-  a.rows = table.rows.const_data_ptr<int64_t>();
-  a.chunk_tensor = table.chunk_tensor.const_data_ptr<int32_t>();
-  a.num_chunks = table.num_chunks;
-  a.take = take.const_data_ptr<float>();
-  a.loss = loss.const_data_ptr();
-  a.loss_type = scalar_type_code(loss);
-  a.lr_tensor = lr_tensor ? lr_tensor->const_data_ptr() : nullptr;
-  a.lr_type = lr_tensor ? scalar_type_code(*lr_tensor) : kFloat32;
-  a.grad_scale = grad_scale ? grad_scale->const_data_ptr() : nullptr;
-  a.grad_scale_type = grad_scale ? scalar_type_code(*grad_scale) : kFloat32;
-  a.initial_loss = initial_loss ? initial_loss->const_data_ptr<double>() : nullptr;
-  a.aligned = table.aligned;
-  a.hyper = make_hyper(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay,
-                       normalize_loss);
-  const int decay_mode =
-      weight_decay == 0.0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const unsigned grid = static_cast<unsigned>(blocks);
-  const bool has_scale = grad_scale.has_value();
-  switch (ptype) {
-    case kFloat16:
-      launch<kFloat16>(a, grid, stream, decay_mode, maximize, has_scale);
-      break;
-    case kBFloat16:
-      launch<kBFloat16>(a, grid, stream, decay_mode, maximize, has_scale);
-      break;
-    default:
-      launch<kFloat32>(a, grid, stream, decay_mode, maximize, has_scale);
-      break;
+// The step's prologue (adaml_fast.cpp) in one block: thread 0 decides whether the step is
+// taken, records f_1 and counts a skip; then every thread advances its share of the step
+// counts named by the tables ([num_tables, 2]: device address of a table's rows, row count).
+__global__ void prologue_kernel(const void* loss, int loss_type, const float* found_inf,
+                                double* initial_loss, double* skipped, float* take,
+                                const int64_t* tables, int64_t num_tables) {
+  __shared__ bool taken;
+  if (threadIdx.x == 0) {
+    const double l = load_scalar(loss, loss_type);
+    const bool ok = isfinite(l) && (found_inf == nullptr || *found_inf == 0.0f);
+    *take = ok ? 1.0f : 0.0f;
+    if (ok && *initial_loss != *initial_loss) *initial_loss = l;
+    *skipped += ok ? 0.0 : 1.0;
+    taken = ok;
+  }
+  __syncthreads();
+  if (!taken) return;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const int64_t* rows = reinterpret_cast<const int64_t*>(tables[2 * t]);
+    const int64_t n = tables[2 * t + 1];
+    for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
+      *reinterpret_cast<float*>(rows[r * kColumns + kStepAddr]) += 1.0f;
+    }
   }
 }
+
+void prologue_cuda(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
+                   const at::Tensor& initial_loss, const at::Tensor& skipped,
+                   const at::Tensor& take, const at::Tensor& tables, int64_t num_tables) {
+  const c10::cuda::CUDAGuard guard(take.device());
+  prologue_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      loss.const_data_ptr(), scalar_type_code(loss),
+      found_inf ? found_inf->const_data_ptr<float>() : nullptr,
+      initial_loss.data_ptr<double>(), skipped.data_ptr<double>(), take.data_ptr<float>(),
+      tables.const_data_ptr<int64_t>(), num_tables);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Makes the CUDA entry points known to adaml_fast.cpp when this file is compiled in.
+const bool kRegistered = [] {
+  cuda_entry_points().run_step = &run_cuda_step;
+  cuda_entry_points().prologue = &prologue_cuda;
+  return true;
+}();
 
 // Why the kernel cannot run on GPU `device` ("" if it can): the build's architecture list may
 // hold no code for it (e.g. a V100 or T4 under the default sm_80, sm_90 + PTX).

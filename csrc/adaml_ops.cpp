@@ -1,7 +1,6 @@
 // adaml_kernels._C: the op schema, the host-side checks shared with the CUDA launcher, and the
-// CPU kernel (one call per bucket, OpenMP across cores, SIMD in the inner loop).
-#include <Python.h>
-
+// CPU kernel (one call per bucket, OpenMP across cores, SIMD in the inner loop). The Python
+// module itself, with the optimizer's steady-state entry points, is in adaml_fast.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,12 +12,6 @@
 #include <vector>
 
 #include "adaml_update.h"
-
-// Importing adaml_kernels._C loads this library, whose static initializers register the ops.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
 
 namespace adaml {
 
@@ -407,41 +400,79 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const KernelTable table =
       resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, rows, rows_host, chunk_tensor,
                     /*allow_rebuild=*/true);
-  const double loss_value = load_scalar(loss.const_data_ptr(), scalar_type_code(loss));
-  const double f1 = initial_loss ? *initial_loss->const_data_ptr<double>() : 0.0;
-  const double lr_value =
-      lr_tensor ? load_scalar(lr_tensor->const_data_ptr(), scalar_type_code(*lr_tensor)) : lr;
-  const double scale =
-      grad_scale ? load_scalar(grad_scale->const_data_ptr(), scalar_type_code(*grad_scale)) : 1.0;
-  const Hyper h =
-      make_hyper(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay, normalize_loss);
-  const int decay_mode =
-      weight_decay == 0.0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay);
-  const int64_t n = static_cast<int64_t>(params.size());
-  const bool has_scale = grad_scale.has_value();
-  switch (ptype) {
-    case kFloat64:
-      run_cpu<kFloat64>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
-                         has_scale);
-      break;
-    case kFloat16:
-      run_cpu<kFloat16>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
-                         has_scale);
-      break;
-    case kBFloat16:
-      run_cpu<kBFloat16>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
-                          has_scale);
-      break;
-    default:
-      run_cpu<kFloat32>(table, n, h, loss_value, f1, lr_value, scale, decay_mode, maximize,
-                         has_scale);
-      break;
-  }
+  run_cpu_step(make_launch(table, static_cast<int64_t>(params.size()), ptype, loss, take,
+                           lr_tensor, grad_scale, initial_loss, lr, beta1, beta2, eps, gamma,
+                           phi, loss_offset, weight_decay, normalize_loss,
+                           decoupled_weight_decay, maximize));
 }
 
 std::string cpu_capability() { return isa_name(active_isa()); }
 
 }  // namespace
+
+void run_cpu_step(const StepLaunch& s) {
+  if (*s.take.const_data_ptr<float>() == 0.0f) return;  // a skipped step touches nothing
+  const double loss = load_scalar(s.loss.const_data_ptr(), scalar_type_code(s.loss));
+  const double f1 = s.initial_loss ? *s.initial_loss->const_data_ptr<double>() : 0.0;
+  const double lr = s.lr_tensor
+                        ? load_scalar(s.lr_tensor->const_data_ptr(),
+                                      scalar_type_code(*s.lr_tensor))
+                        : s.hyper.lr;
+  const double scale = s.grad_scale ? load_scalar(s.grad_scale->const_data_ptr(),
+                                                  scalar_type_code(*s.grad_scale))
+                                    : 1.0;
+  const bool has_scale = s.grad_scale.has_value();
+  const int64_t n = s.num_tensors;
+  switch (s.param_type) {
+    case kFloat64:
+      run_cpu<kFloat64>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
+                         has_scale);
+      break;
+    case kFloat16:
+      run_cpu<kFloat16>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
+                         has_scale);
+      break;
+    case kBFloat16:
+      run_cpu<kBFloat16>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
+                          has_scale);
+      break;
+    default:
+      run_cpu<kFloat32>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
+                         has_scale);
+      break;
+  }
+}
+
+StepLaunch make_launch(KernelTable table, int64_t num_tensors, int param_type,
+                       const at::Tensor& loss, const at::Tensor& take,
+                       const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& initial_loss, double lr, double beta1,
+                       double beta2, double eps, double gamma, double phi, double loss_offset,
+                       double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
+                       bool maximize) {
+  StepLaunch s;
+  s.table = std::move(table);
+  s.num_tensors = num_tensors;
+  s.param_type = param_type;
+  s.loss = loss;
+  s.take = take;
+  s.lr_tensor = lr_tensor;
+  s.grad_scale = grad_scale;
+  s.initial_loss = initial_loss;
+  s.hyper = make_hyper(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay,
+                       normalize_loss);
+  s.decay_mode =
+      weight_decay == 0.0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay);
+  s.maximize = maximize;
+  return s;
+}
+
+CudaEntryPoints& cuda_entry_points() {
+  static CudaEntryPoints entry_points;
+  return entry_points;
+}
+
 }  // namespace adaml
 
 TORCH_LIBRARY(adaml_kernels, m) {

@@ -295,7 +295,39 @@ KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::Tenso
 
 int scalar_type_code(const at::Tensor& t);
 
-Hyper make_hyper(double lr, double beta1, double beta2, double eps, double gamma, double phi,
-                 double loss_offset, double weight_decay, bool normalize_loss);
+// One bucket's launch, once its table and tensors are known to be consistent (checked by the
+// op, or by the optimizer's steady-state path in adaml_fast.cpp): the table, the parameters'
+// dtype, and this step's 0-dim inputs, read on the device where they live.
+struct StepLaunch {
+  KernelTable table;
+  int64_t num_tensors = 0;
+  int param_type = kFloat32;
+  at::Tensor loss, take;
+  std::optional<at::Tensor> lr_tensor, grad_scale, initial_loss;
+  Hyper hyper;
+  int decay_mode = kNoDecay;
+  bool maximize = false;
+};
+
+StepLaunch make_launch(KernelTable table, int64_t num_tensors, int param_type,
+                       const at::Tensor& loss, const at::Tensor& take,
+                       const std::optional<at::Tensor>& lr_tensor,
+                       const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& initial_loss, double lr, double beta1,
+                       double beta2, double eps, double gamma, double phi, double loss_offset,
+                       double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
+                       bool maximize);
+
+void run_cpu_step(const StepLaunch& s);  // adaml_ops.cpp
+
+// What the CUDA build adds (adaml_cuda.cu sets these when it is compiled in).
+struct CudaEntryPoints {
+  void (*run_step)(const StepLaunch&) = nullptr;
+  // The step's prologue on the GPU (see adaml_fast.cpp): take, f_1, the skip count, step counts.
+  void (*prologue)(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
+                   const at::Tensor& initial_loss, const at::Tensor& skipped,
+                   const at::Tensor& take, const at::Tensor& tables, int64_t num_tables) = nullptr;
+};
+CudaEntryPoints& cuda_entry_points();
 
 }  // namespace adaml
