@@ -1,4 +1,5 @@
-"""Running a function on several CPU ranks (gloo, a file:// store, a timeout on every collective)."""
+"""Running a function on several ranks (gloo or NCCL, a file:// store, a timeout on every
+collective)."""
 
 from __future__ import annotations
 

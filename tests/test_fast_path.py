@@ -44,7 +44,8 @@ def assert_same(a, b, opt_a, opt_b):
         sa, sb = opt_a.state[p], opt_b.state[q]
         assert sa.keys() == sb.keys()
         for key in sa:
-            assert torch.equal(sa[key], sb[key]) or (sa[key].isnan().all() and sb[key].isnan().all())
+            x, y = sa[key], sb[key]
+            assert torch.equal(x, y) or (x.isnan().all() and y.isnan().all())
 
 
 @pytest.mark.parametrize("backend", FAST)

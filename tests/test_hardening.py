@@ -1,8 +1,6 @@
 """Paths that change state: late parameters, parameters changed in place, steps that cannot be
 taken, saturation, backend choice per tensor. Each test runs on every backend that runs here."""
 
-import math
-
 import pytest
 import torch
 
@@ -260,7 +258,7 @@ def test_auto_trains_parameters_that_are_not_dense_on_the_reference_path():
     base = torch.randn(6, 5, 2)
     strided = torch.nn.Parameter(base[..., 0])  # strides (10, 2): not dense
     dense = torch.nn.Parameter(torch.randn(7))
-    twin = [torch.nn.Parameter(strided.detach().clone()), torch.nn.Parameter(dense.detach().clone())]
+    twin = [torch.nn.Parameter(t.detach().clone()) for t in (strided, dense)]
     opt = AdamL([strided, dense], lr=0.05)
     ref = AdamL(twin, lr=0.05, backend="reference")
     for step in range(3):
