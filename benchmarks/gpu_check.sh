@@ -14,9 +14,8 @@
 # Every step runs under its own time limit and the script always reaches the summary; it exits
 # non-zero if any step failed. Expected (not yet measured): under 6 minutes on an H200 machine
 # (build ~1.5, tests ~1.5, quick benchmark ~1.5, host-overhead case ~0.5, FSDP2 case ~0.5, GPT
-# example ~1). The
-# benchmark runs with --quick (1M, 16M, 256M, GPT-2 small, 5,000 small tensors);
-# ADAML_GPU_BENCH_ARGS= (empty) runs the full 1M-1B sweep.
+# example ~1). The benchmark runs with --quick (1M, 16M, 256M, GPT-2 small, 5,000 small
+# tensors); ADAML_GPU_BENCH_ARGS= (empty) runs the full 1M-1B sweep.
 # To add a step (e.g. a benchmark), add a `run_step NAME LIMIT_S COMMAND...` line at the end of
 # the steps section, before the summary.
 #
