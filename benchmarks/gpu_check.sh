@@ -12,10 +12,10 @@
 # 4. prints a short summary last.
 #
 # Every step runs under its own time limit and the script always reaches the summary; it exits
-# non-zero if any step failed. Expected (not yet measured): under 5 minutes on an H200 machine
-# (build ~1.5, tests ~1.5, quick benchmark ~1.5, host-overhead case ~0.5). The benchmark runs with
-# --quick (1M, 16M, 256M, GPT-2 small, 5,000 small tensors); ADAML_GPU_BENCH_ARGS= (empty) runs
-# the full 1M-1B sweep.
+# non-zero if any step failed. Expected (not yet measured): under 6 minutes on an H200 machine
+# (build ~1.5, tests ~1.5, quick benchmark ~1.5, host-overhead case ~0.5, FSDP2 case ~0.5, GPT
+# example ~1). The benchmark runs with --quick (1M, 16M, 256M, GPT-2 small, 5,000 small
+# tensors); ADAML_GPU_BENCH_ARGS= (empty) runs the full 1M-1B sweep.
 # To add a step (e.g. a benchmark), add a `run_step NAME LIMIT_S COMMAND...` line at the end of
 # the steps section, before the summary.
 #
@@ -110,6 +110,13 @@ run_step bench_memory 120 "$PY" -m adaml_kernels.bench --device cuda --memory-ch
 # thread, AdamL against torch's fused and foreach Adam; a CUDA-graph replay is the lower bound.
 run_step bench_host 120 "$PY" -m adaml_kernels.bench --device cuda --no-progress --quick \
     --host-overhead --json "$OUT/bench_host.json"
+# FSDP2: a 8.4M-parameter stack of Linear layers sharded with fully_shard, nccl, one rank per GPU
+# (at most 2; one GPU: a 1-rank mesh); only opt.step is timed, AdamL against torch fused Adam.
+run_step bench_fsdp 180 "$PY" -m adaml_kernels.bench --device cuda --no-progress --quick \
+    --fsdp --json "$OUT/bench_fsdp.json"
+# The GPT example on the GPU: one process, compiled, cuda autocast, a DCP checkpoint at the end.
+run_step example_gpt 240 "$PY" examples/train_gpt.py --device cuda --steps 100 --no-bar \
+    --ckpt "$OUT/gpt_ckpt" --out "$OUT/train_gpt.json"
 
 # --------------------------------------------------------------------------------- summary
 {
@@ -132,6 +139,14 @@ run_step bench_host 120 "$PY" -m adaml_kernels.bench --device cuda --no-progress
         grep -E '^  (PASS|FAIL|n/a) ' "$OUT/bench_host.log" | sed 's/^/  /'
         echo "  CUDA-graph replay (lower bound), us/step:"
         grep -E '^ *[0-9,]+ +[a-z]+\+graph ' "$OUT/bench_host.log" | sed 's/^/    /'
+    fi
+    if [ -f "$OUT/bench_fsdp.log" ]; then
+        echo "  FSDP2 (opt.step ms, slowest rank):"
+        grep -E '^(adaml-bench FSDP2|note: [0-9]+ GPU|AdamL .* / torch fused Adam)' \
+            "$OUT/bench_fsdp.log" | sed 's/^/    /'
+    fi
+    if [ -f "$OUT/example_gpt.log" ]; then
+        echo "  GPT example: $(grep -E '^done: ' "$OUT/example_gpt.log" | tail -n 1)"
     fi
     if [ -f "$OUT/bench_memory.log" ]; then
         echo "  extra peak bytes per step:"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaml_kernels import available_backends
-from adaml_kernels.bench import cases, cli, contenders, goals, host_overhead, timing
+from adaml_kernels.bench import cases, cli, contenders, fsdp, goals, host_overhead, timing
 from adaml_kernels.bench.rows import REQUIRED_KEYS
 
 SMOKE = ["--device", "cpu", "--smoke", "--no-progress"]
@@ -286,3 +286,59 @@ def test_host_overhead_on_cuda_reports_the_graph_rows(tmp_path):
     for r in graph:
         assert r["grads"] == "fixed (CUDA graph)"
         assert r["skipped"] or r["us_per_step"] > 0
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """The FSDP2 case on 2 gloo ranks (spawned by the bench itself), smoke sizes."""
+    import contextlib
+    import io
+
+    path = tmp_path_factory.mktemp("fsdp") / "fsdp.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(SMOKE + ["--fsdp", "--json", str(path)])
+    return rc, json.loads(path.read_text()), out.getvalue()
+
+
+def test_fsdp_case_rows(fsdp_run):
+    rc, rows, _ = fsdp_run
+    assert rc == 0
+    fused_adaml = {"cpu"} & set(available_backends("cpu"))
+    names = {r["backend"] for r in _measured(rows)}
+    assert ({"torch_fused", "torch_foreach"} | fused_adaml
+            | {b + fsdp.LOCAL_LOSS for b in fused_adaml}) <= names, names
+    assert "reference" not in names  # not fused: only when asked for
+    for r in rows:
+        for key in fsdp.FSDP_KEYS + REQUIRED_KEYS:
+            assert key in r, key
+    for r in _measured(rows):
+        assert r["kind"] == "fsdp" and r["ranks"] == 2 and r["dist_backend"] == "gloo"
+        assert 2 * r["local_params"] == r["n_params"] and r["reps"] == 5
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert isinstance(r["vs_torch_fused"], float) and r["vs_torch_fused"] > 0
+        if r["backend"] == "torch_fused":
+            assert r["vs_torch_fused"] == pytest.approx(1.0)
+
+
+def test_fsdp_case_prints_the_table_and_the_ratio(fsdp_run):
+    _, _, out = fsdp_run
+    assert "adaml-bench FSDP2: 2 gloo ranks" in out and "median ms" in out
+    if "cpu" in available_backends("cpu"):
+        assert "AdamL cpu / torch fused Adam (float32): " in out
+
+
+def test_fsdp_case_on_one_rank(tmp_path):
+    path = tmp_path / "one.json"
+    args = SMOKE + ["--fsdp", "1", "--backends", "torch_fused", "--json", str(path)]
+    assert cli.main(args) == 0
+    rows = json.loads(path.read_text())
+    assert [(r["backend"], r["ranks"]) for r in _measured(rows)] == [("torch_fused", 1)]
+
+
+def test_fsdp_bad_arguments():
+    for args in (["--fsdp", "--host-overhead"], ["--fsdp", "--memory-check"],
+                 ["--fsdp", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--device", "cpu", "--smoke"] + args)
+        assert info.value.code == 2

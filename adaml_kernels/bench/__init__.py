@@ -2,7 +2,7 @@
 
     adaml-bench [--device cpu|cuda] [--quick] [--sizes 1M,4M,16M] [--dtype float32,bfloat16]
                 [--lists gpt2,many_small] [--json PATH] [--plot PATH] [--memory-check]
-                [--host-overhead [COUNTS]]
+                [--host-overhead [COUNTS]] [--fsdp [RANKS]]
     python -m adaml_kernels.bench ...
 
 Every available AdamL backend (the reference included) and torch.optim.Adam with fused=True and
@@ -36,18 +36,21 @@ another optimizer's run slower (dirty cache lines to write back, and more), then
 of at least 4 steps.
 
 The host-overhead case (host_overhead.py) steps many one-element tensors whose gradients are new
-at every step, one thread, and reports microseconds per step and per tensor.
+at every step, one thread, and reports microseconds per step and per tensor. The FSDP2 case
+(fsdp.py) starts its own ranks and times opt.step on a model sharded with fully_shard.
 
-`run_benchmark`, `run_memory_check` and `run_host_overhead` are the programmatic entry points;
+`run_benchmark`, `run_memory_check`, `run_host_overhead` and `run_fsdp` are the programmatic entry points;
 `main` (cli.py) is the CLI. Modules: cases (workloads), contenders (what is compared, traffic
 model), timing (timer, policy, rotation sets), environment (machine facts), params (parameter
-sets), rows (the row each measurement fills), run (running the cases), host_overhead, memory
+sets), rows (the row each measurement fills), run (running the cases), host_overhead, fsdp, memory
 (peak-memory check), goals, report (header, tables, plot, JSON), errors, cli.
 """
 
 from .cli import main
+from .fsdp import run_fsdp
 from .host_overhead import run_host_overhead
 from .memory import run_memory_check
 from .run import BenchConfig, run_benchmark
 
-__all__ = ["BenchConfig", "main", "run_benchmark", "run_host_overhead", "run_memory_check"]
+__all__ = ["BenchConfig", "main", "run_benchmark", "run_fsdp", "run_host_overhead",
+           "run_memory_check"]

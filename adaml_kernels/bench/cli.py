@@ -12,6 +12,7 @@ import torch
 from .cases import DTYPES, LIST_NAMES, default_sizes, list_cases, parse_size, sweep_cases
 from .contenders import ADAML_BACKENDS, TORCH_CONTENDERS
 from .environment import environment
+from .fsdp import format_fsdp_table, fsdp_header_lines, fsdp_ratio_lines, run_fsdp
 from .goals import goal_lines, host_goal_lines
 from .host_overhead import HOST_COUNTS, SMOKE_COUNTS, run_host_overhead
 from .memory import format_memory_table, run_memory_check
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "backends (the reference only with --backends) against torch fused and "
                         "foreach Adam, in us per step and per tensor; on CUDA also a "
                         "CUDA-graph replay of an AdamL step (the lower bound)")
+    p.add_argument("--fsdp", nargs="?", type=int, const=0, default=None, metavar="RANKS",
+                   help="instead of the size sweep, time the FSDP2 case: a stack of Linear "
+                        "layers (4.2M parameters on the CPU) sharded with fully_shard over RANKS "
+                        "ranks (default 2: gloo on the CPU, nccl with one GPU per rank, as many "
+                        "as there are GPUs), fresh gradients from a forward and backward before "
+                        "every step; only opt.step is timed (the slowest rank), AdamL's fused "
+                        "backends against torch fused and foreach Adam")
     p.add_argument("--memory-budget", type=float, default=None, metavar="FRACTION",
                    help="fraction of free memory the benchmark may use (default 0.4 CPU, 0.85 GPU)")
     p.add_argument("--threads", type=int, default=None,
@@ -117,14 +125,18 @@ def main(argv=None) -> int:
         parser.error("--dtype: give at least one dtype")
     if counts is not None and not counts:
         parser.error("--host-overhead: give at least one tensor count")
-    if counts is not None and args.memory_check:
-        parser.error("--host-overhead and --memory-check are separate runs: choose one")
+    if sum((counts is not None, args.fsdp is not None, args.memory_check)) > 1:
+        parser.error("--host-overhead, --memory-check and --fsdp are separate runs: choose one")
+    if args.fsdp is not None and args.fsdp < 0:
+        parser.error("--fsdp: the number of ranks must be >= 1")
 
     t_start = time.perf_counter()
     if args.memory_check:
         return _memory_check(args, device, sizes, lists, dtypes, wanted)
     if counts is not None:
         return _host_overhead(args, device, counts, dtypes, wanted, t_start)
+    if args.fsdp is not None:
+        return _fsdp(args, device, dtypes, wanted, t_start)
 
     cfg = BenchConfig(device, sizes, lists, dtypes, quick=args.quick, smoke=args.smoke,
                       backends=wanted, budget_fraction=args.memory_budget,
@@ -186,6 +198,27 @@ def _host_overhead(args, device, counts, dtypes, wanted, t_start) -> int:
         print("note: no plot for the host-overhead case")
     print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
+
+
+def _fsdp(args, device, dtypes, wanted, t_start) -> int:
+    rows, info = run_fsdp(device, dtypes, wanted, ranks=args.fsdp or None, quick=args.quick,
+                          smoke=args.smoke, threads=args.threads)
+    for line in fsdp_header_lines(info) + busy_warnings(info["env"], rows):
+        print(line)
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print()
+    print(format_fsdp_table(rows))
+    print()
+    for line in fsdp_ratio_lines(rows):
+        print(line)
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print("note: no plot for the FSDP2 case")
+    print(f"done in {time.perf_counter() - t_start:.1f} s")
+    return 0 if any(r["median_ms"] is not None for r in rows) else 1
 
 
 def _memory_check(args, device, sizes, lists, dtypes, wanted) -> int:

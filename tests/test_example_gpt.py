@@ -1,0 +1,133 @@
+"""examples/train_gpt.py on the CPU: the loss falls, and a run saved at step K and resumed to N
+ends bitwise where the uninterrupted N-step run ends (losses and every parameter), in one
+process (DCP without a process group), under FSDP2 and under tensor parallelism on 2 gloo ranks.
+
+The 2-rank runs call the example's main() on ranks started by tests/ranks.py (one start for all
+of them); the one-process runs go through the command line, once compiled. Tiny model: d_model
+32, 2 layers, sequences of 32 bytes, global batch 8.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from ranks import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "train_gpt.py")
+TINY = ["--device", "cpu", "--d-model", "32", "--layers", "2", "--seq-len", "32", "--batch-size", "8",
+        "--no-compile", "--no-bar", "--log-every", "1000"]
+N, K = 6, 3  # uninterrupted N steps; K steps, save, resume to N
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+
+
+def _main(argv):
+    sys.path.insert(0, os.path.dirname(EXAMPLE))
+    import train_gpt
+
+    return train_gpt.main(argv)
+
+
+def _split_runs(out, tag, extra):
+    """The uninterrupted run, the K-step run that saves, and the resumed one; JSON summaries."""
+    ckpt = os.path.join(out, f"ckpt-{tag}")
+    _main(TINY + extra + ["--steps", str(N), "--out", os.path.join(out, f"{tag}-full.json")])
+    _main(TINY + extra + ["--steps", str(K), "--ckpt", ckpt,
+                          "--out", os.path.join(out, f"{tag}-part.json")])
+    _main(TINY + extra + ["--steps", str(N), "--ckpt", ckpt, "--resume",
+                          "--out", os.path.join(out, f"{tag}-resumed.json")])
+
+
+def _read(out, tag):
+    return {part: json.load(open(os.path.join(out, f"{tag}-{part}.json")))
+            for part in ("full", "part", "resumed")}
+
+
+def worker(rank, world, out):
+    _split_runs(out, "fsdp", ["--fsdp"])
+    _split_runs(out, "tp", ["--tp"])  # 2 ranks: a (dp=1, tp=2) mesh
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gpt2ranks"))
+    run_ranks(worker, 2, out)
+    return out
+
+
+def _cli(args, out, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, EXAMPLE, *args, "--out", out], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.load(open(out)), r.stdout
+
+
+def _assert_resumes_bitwise(runs):
+    full, part, resumed = runs["full"], runs["part"], runs["resumed"]
+    assert list(full["losses"]) == [str(k) for k in range(1, N + 1)]
+    assert part["losses"] == {k: v for k, v in full["losses"].items() if int(k) <= K}
+    assert resumed["steps"] == [K, N]
+    assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > K}
+    assert resumed["params_sha256"] == full["params_sha256"]
+    assert part["params_sha256"] != full["params_sha256"]
+
+
+def _assert_loss_falls(summary, by=0.2):
+    losses = list(summary["losses"].values())
+    assert losses[-1] < losses[0] - by, losses
+    assert summary["tokens_per_s"] > 0 and 0 < summary["opt_share"] < 1
+
+
+def test_one_process_command_line_loss_falls(tmp_path):
+    # With the progress bar where tqdm is installed (it is an optional dependency: .[bench]).
+    bar = importlib.util.find_spec("tqdm") is not None
+    args = [a for a in TINY if a != "--no-bar" or not bar] + ["--steps", "10"]
+    summary, stdout = _cli(args, str(tmp_path / "one.json"))
+    _assert_loss_falls(summary, by=1.0)
+    assert summary["world"] == 1 and summary["mesh"] is None and summary["amp_bf16"]
+    assert "tokens/s" in stdout and "opt.step" in stdout
+
+
+def test_one_process_resume_is_bitwise(tmp_path):
+    _split_runs(str(tmp_path), "one", [])
+    runs = _read(str(tmp_path), "one")
+    _assert_resumes_bitwise(runs)
+    assert sorted(os.listdir(tmp_path / "ckpt-one")) == ["step-0000003", "step-0000006"]
+
+
+def test_fsdp_two_ranks_loss_falls_and_resumes_bitwise(two_ranks, tmp_path):
+    runs = _read(two_ranks, "fsdp")
+    assert runs["full"]["mesh"] == {"dp": 2, "tp": 1} and runs["full"]["world"] == 2
+    _assert_loss_falls(runs["full"])
+    _assert_resumes_bitwise(runs)
+    # Same initial weights and global batch as one process: the same first loss, up to the
+    # order of the reductions.
+    _main(TINY + ["--steps", "1", "--out", str(tmp_path / "one.json")])
+    one = json.load(open(tmp_path / "one.json"))
+    assert one["losses"]["1"] == pytest.approx(runs["full"]["losses"]["1"], rel=1e-5)
+
+
+def test_tensor_parallel_two_ranks_loss_falls_and_resumes_bitwise(two_ranks):
+    runs = _read(two_ranks, "tp")
+    assert runs["full"]["mesh"] == {"dp": 1, "tp": 2}
+    _assert_loss_falls(runs["full"])
+    _assert_resumes_bitwise(runs)
+
+
+def test_compiled_one_process(tmp_path):
+    """torch.compile's path, 3 steps (most of this test's time is compilation)."""
+    args = [a for a in TINY if a != "--no-compile"] + ["--steps", "3"]
+    summary, _ = _cli(args, str(tmp_path / "compiled.json"), timeout=600)
+    assert summary["compiled"]
+    losses = list(summary["losses"].values())
+    assert losses[-1] < losses[0]
