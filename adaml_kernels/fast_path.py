@@ -10,8 +10,8 @@ next steps then cost a few calls whatever the number of tensors:
     launch         per bucket: the kernel, from its table
 
 It applies only where those calls can do everything the general path would: the "cpu" and
-"cuda" backends, plain (not DTensor) parameters, one device, no loss averaging, and a loss,
-lr, grad scale and found_inf already on that device. Anything else takes the general path.
+"cuda" backends, plain (not DTensor) parameters, one device, and a loss, lr, grad scale and
+found_inf already on that device. Anything else takes the general path.
 """
 
 from __future__ import annotations
@@ -72,8 +72,7 @@ class FastPath:
 
     def step(self, opt, loss):
         """One step, or FALLBACK (nothing changed) where the general path must take it."""
-        if opt.state.version != opt._planned_state_version or (
-                losses.process_group(opt.loss_group) is not None):
+        if opt.state.version != opt._planned_state_version:
             return FALLBACK
         if loss is None:
             loss = opt._pending.total
@@ -106,6 +105,9 @@ class FastPath:
         for plan in opt._plans:
             plan.grad_ptrs = None  # the tables were repointed here: the general path re-reads
         opt._pending.take()
+        group = losses.process_group(opt.loss_group)
+        if group is not None:
+            loss_t = losses.average(loss_t, group)
         _extension.C.prologue(loss_t, found_inf, opt._initial_loss, opt._skipped, self.take,
                               self.tables, len(self.launches))
         for gi, bucket in self.launches:

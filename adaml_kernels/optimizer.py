@@ -313,8 +313,7 @@ class AdamL(torch.optim.Optimizer):
             if plan is not None and plan.buckets and actives[gi][0]:
                 planning.run(plan.buckets, Hyperparams.from_group(group_dict), inputs, on_device)
         self._count_skip(inputs.take)
-        if group is None:
-            self._fast = FastPath.build(self)
+        self._fast = FastPath.build(self)
         return loss
 
     def _changes(self, actives) -> dict:

@@ -6,8 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import adaml_kernels
 from adaml_kernels import AdamL
 from ranks import OneRank, run_ranks
+
+# The reference runs on the general path; the cpu backend (where built) on the steady-state one.
+BACKENDS = [b for b in ("reference", "cpu") if b in adaml_kernels.available_backends("cpu")]
 
 # Per rank; the means are 2.0, 1.5, (skipped: one rank's loss is NaN), 1.0.
 LOSSES = {0: [1.0, 2.5, 7.0, 0.5], 1: [3.0, 0.5, float("nan"), 1.5]}
@@ -25,29 +29,32 @@ def grads_for(step, model):
 
 
 def rank_main(rank, world, out_dir):
-    for loss_group in ("world", None):
-        model = make_model()
-        opt = AdamL(model.parameters(), lr=0.1, eps=1e-2, backend="reference",
-                    loss_group=loss_group)
-        for step, loss in enumerate(LOSSES[rank]):
-            grads_for(step, model)
-            opt.step(loss)  # a Python number: a NaN on one rank must not skip the all-reduce
-        torch.save(model.state_dict(), os.path.join(out_dir, f"{loss_group}-rank{rank}.pt"))
+    for backend in BACKENDS:
+        for loss_group in ("world", None):
+            model = make_model()
+            opt = AdamL(model.parameters(), lr=0.1, eps=1e-2, backend=backend,
+                        loss_group=loss_group)
+            for step, loss in enumerate(LOSSES[rank]):
+                grads_for(step, model)
+                opt.step(loss)  # a Python number: a NaN on one rank must not skip the all-reduce
+            path = os.path.join(out_dir, f"{backend}-{loss_group}-rank{rank}.pt")
+            torch.save(model.state_dict(), path)
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     run_ranks(rank_main, 2, str(out))
-    return {group: [torch.load(out / f"{group}-rank{r}.pt") for r in (0, 1)]
-            for group in ("world", None)}
+    return {(b, group): [torch.load(out / f"{b}-{group}-rank{r}.pt") for r in (0, 1)]
+            for b in BACKENDS for group in ("world", None)}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_ranks_with_different_losses_stay_identical(rank_results):
-    rank0, rank1 = rank_results["world"]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_with_different_losses_stay_identical(rank_results, backend):
+    rank0, rank1 = rank_results[(backend, "world")]
     single = make_model()
-    opt = AdamL(single.parameters(), lr=0.1, eps=1e-2, backend="reference")
+    opt = AdamL(single.parameters(), lr=0.1, eps=1e-2, backend=backend)
     for step in range(len(LOSSES[0])):
         grads_for(step, single)
         opt.step(torch.tensor((LOSSES[0][step] + LOSSES[1][step]) / 2))
@@ -58,8 +65,9 @@ def test_ranks_with_different_losses_stay_identical(rank_results):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_averaging_can_be_turned_off(rank_results):
-    rank0, rank1 = rank_results[None]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_averaging_can_be_turned_off(rank_results, backend):
+    rank0, rank1 = rank_results[(backend, None)]
     assert not torch.equal(rank0["weight"], rank1["weight"])
 
 
