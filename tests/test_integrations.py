@@ -1,0 +1,283 @@
+"""The framework adapters (adaml_kernels.integrations) with the frameworks themselves.
+
+Every test trains a tiny model built in the test on data made in memory (no downloads) and
+checks that (1) training lowers the loss, (2) the loss AdamL used at every step equals the loss
+of the gradients it was handed (under accumulation the sum of the micro-batch losses as the
+framework backpropagated them, unscaled), and (3) a resume from a checkpoint continues bitwise as
+the uninterrupted run. The loss AdamL used is read where step() hands it to the update.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaml_kernels import AdamL
+from adaml_kernels.integrations import find_adaml
+
+# No downloads, no telemetry (the frameworks are imported inside the tests, after this).
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+             "HF_HUB_DISABLE_TELEMETRY"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+# ------------------------------------------------------------------------------- helpers
+
+
+class LossSpy:
+    """Records, at every step AdamL takes, the loss it uses and `expected()` evaluated then (with
+    the parameters the gradients were taken at)."""
+
+    def __init__(self, monkeypatch, expected=None):
+        self.used, self.expected, self.grad_scales = [], [], []
+        original = AdamL._step_inputs
+
+        def _step_inputs(opt, loss, group, grad_scale, found_inf):
+            self.used.append(float(loss))
+            self.grad_scales.append(None if grad_scale is None else float(grad_scale))
+            if expected is not None:
+                self.expected.append(float(expected(len(self.used) - 1)))
+            return original(opt, loss, group, grad_scale, found_inf)
+
+        monkeypatch.setattr(AdamL, "_step_inputs", _step_inputs)
+
+    def check(self, steps, rel=1e-6):
+        assert len(self.used) == steps
+        assert self.used == pytest.approx(self.expected, rel=rel)
+
+
+def params_bytes(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def assert_bitwise(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x.view(torch.uint8) if x.dtype != torch.bool else x,
+                           y.view(torch.uint8) if y.dtype != torch.bool else y)
+
+
+def regression_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.sin(x @ torch.randn(4, 1, generator=g)) + 0.5
+    return x, y
+
+
+def regression_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def autocast(precision):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def test_find_adaml_and_light_import():
+    import subprocess
+    import sys
+
+    code = ("import sys, adaml_kernels.integrations; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'lightning', 'pytorch_lightning', 'transformers', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    opt = AdamL([torch.nn.Parameter(torch.ones(2))])
+    assert find_adaml(opt) is opt
+    assert find_adaml(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)) is None
+
+
+# ----------------------------------------------------------------------------- Lightning
+
+BATCH, ACC = 8, 2  # 64 samples: 8 micro-batches, 4 steps an epoch
+
+
+def _lightning():
+    L = pytest.importorskip("lightning")
+    from adaml_kernels.integrations.lightning import AdamLCallback
+
+    class Regression(L.LightningModule):
+        def __init__(self, manual=False, skip=(), acc=ACC, precision="32"):
+            super().__init__()
+            self.net = regression_net()
+            self.automatic_optimization = not manual
+            self.skip, self.acc, self.precision = set(skip), acc, precision
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.mse_loss(self.net(x), y)
+            if batch_idx in self.skip:
+                return None  # Lightning's documented way to skip a batch
+            if self.automatic_optimization:
+                return loss
+            opt = self.optimizers()
+            self.manual_backward(loss / self.acc)
+            if (batch_idx + 1) % self.acc == 0:
+                opt.step()
+                opt.zero_grad()
+            return None
+
+        def configure_optimizers(self):
+            return AdamL(self.parameters(), lr=0.03)
+
+        def expected(self, step, x, y):
+            """The sum of the losses Lightning backpropagated for `step` (micro-batch losses
+            divided by accumulate_grad_batches), as training computed them."""
+            windows = len(x) // (BATCH * self.acc)
+            total = 0.0
+            for i in range(self.acc):
+                b = (step % windows) * self.acc + i
+                if b in self.skip:
+                    continue
+                with autocast(self.precision):
+                    xb, yb = x[b * BATCH:(b + 1) * BATCH], y[b * BATCH:(b + 1) * BATCH]
+                    total += float(F.mse_loss(self.net(xb), yb)) / self.acc
+            return total
+
+    return L, Regression, AdamLCallback
+
+
+def _fit(L, model, x, y, *, epochs, precision="32", ckpt_path=None, callbacks=None, **kwargs):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    plugins = []
+    if precision == "fp16":  # "16-mixed" on the CPU: Lightning would use bf16, so hand it fp16
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=256.0))]
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, plugins=plugins,
+        precision="bf16-mixed" if precision == "bf16" else None, callbacks=callbacks, **kwargs)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=BATCH), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _full_loss(net, x, y):
+    with torch.no_grad():
+        return float(F.mse_loss(net(x), y))
+
+
+@pytest.mark.parametrize("precision,clip", [("32", None), ("bf16", 1.0), ("fp16", None),
+                                            ("fp16", 1.0)])
+def test_lightning_automatic(monkeypatch, tmp_path, precision, clip):
+    L, Regression, AdamLCallback = _lightning()
+    x, y = regression_data()
+    model = Regression(precision=precision)
+    spy = LossSpy(monkeypatch, lambda k: model.expected(k, x, y))
+    before = _full_loss(model.net, x, y)
+    kwargs = {"precision": precision, "accumulate_grad_batches": ACC, "gradient_clip_val": clip}
+    _fit(L, model, x, y, epochs=2, callbacks=[AdamLCallback()], **kwargs)
+    assert _full_loss(model.net, x, y) < 0.7 * before  # (1)
+    spy.check(steps=8)  # (2)
+    if precision == "fp16":  # the kernel unscales, or GradScaler did before the clipping
+        assert spy.grad_scales == ([None] * 8 if clip else [256.0] * 8)
+    opt = model.trainer.optimizers[0]
+    assert opt._step_supports_amp_scaling and "step" not in opt.__dict__  # restored
+
+    # (3) resume: one epoch, a checkpoint, a new Trainer for the second epoch
+    first = Regression(precision=precision)
+    trainer = _fit(L, first, x, y, epochs=1, callbacks=[AdamLCallback()], **kwargs)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = Regression(precision=precision)
+    _fit(L, resumed, x, y, epochs=2, callbacks=[AdamLCallback()],
+         ckpt_path=tmp_path / "epoch1.ckpt", **kwargs)
+    assert_bitwise(params_bytes(resumed), params_bytes(model))
+    assert float(resumed.trainer.optimizers[0]._initial_loss) == spy.used[0]
+
+
+def test_lightning_training_step_returning_none(monkeypatch):
+    L, Regression, AdamLCallback = _lightning()
+    x, y = regression_data()
+    # Micro-batches 2 and 7 are skipped (their windows step with the loss of 3, or 6, alone:
+    # without the callback a None at the end of a window raised); 4 and 5 are both skipped (a
+    # window without a backward: no step at all).
+    model = Regression(skip={2, 4, 5, 7})
+    spy = LossSpy(monkeypatch, lambda k: model.expected([0, 1, 3, 0, 1, 3][k], x, y))
+    before = _full_loss(model.net, x, y)
+    _fit(L, model, x, y, epochs=2, callbacks=[AdamLCallback()], accumulate_grad_batches=ACC)
+    assert _full_loss(model.net, x, y) < before
+    spy.check(steps=6)
+    monkeypatch.undo()
+    # Without the callback (and without accumulation) a None is a no-op step as well.
+    model = Regression(skip={0, 3}, acc=1)
+    _fit(L, model, x, y, epochs=1)
+    assert float(model.trainer.optimizers[0].state[model.net[0].weight]["step"]) == 6
+
+
+def test_lightning_manual(monkeypatch, tmp_path):
+    L, Regression, AdamLCallback = _lightning()
+    x, y = regression_data()
+    # opt.step() after accumulating two manual_backward calls: the callback registered both.
+    model = Regression(manual=True)
+    spy = LossSpy(monkeypatch, lambda k: model.expected(k, x, y))
+    before = _full_loss(model.net, x, y)
+    _fit(L, model, x, y, epochs=2, callbacks=[AdamLCallback()])
+    assert _full_loss(model.net, x, y) < 0.7 * before
+    spy.check(steps=8)
+    first = Regression(manual=True)
+    trainer = _fit(L, first, x, y, epochs=1, callbacks=[AdamLCallback()])
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = Regression(manual=True)
+    _fit(L, resumed, x, y, epochs=2, callbacks=[AdamLCallback()],
+         ckpt_path=tmp_path / "epoch1.ckpt")
+    assert_bitwise(params_bytes(resumed), params_bytes(model))
+
+
+def test_lightning_manual_explicit_loss_without_callback(monkeypatch):
+    L, _, _ = _lightning()
+    x, y = regression_data()
+
+    class Explicit(L.LightningModule):  # opt.step(loss=...): Lightning adds a closure anyway
+        def __init__(self):
+            super().__init__()
+            self.net = regression_net()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = F.mse_loss(self.net(batch[0]), batch[1])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step(loss=loss)
+
+        def configure_optimizers(self):
+            return AdamL(self.parameters(), lr=0.03)
+
+    model = Explicit()
+    batch = lambda t, k: t[k % 8 * BATCH:][:BATCH]  # noqa: E731  (step k took batch k % 8)
+    spy = LossSpy(monkeypatch, lambda k: F.mse_loss(model.net(batch(x, k)), batch(y, k)))
+    before = _full_loss(model.net, x, y)
+    _fit(L, model, x, y, epochs=2)
+    assert _full_loss(model.net, x, y) < 0.7 * before
+    spy.check(steps=16)
+
+
+def test_fabric(monkeypatch):
+    L = pytest.importorskip("lightning")
+    x, y = regression_data()
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
+    net = regression_net()
+    model, opt = fabric.setup(net, AdamL(net.parameters(), lr=0.03))
+    expected = []
+    spy = LossSpy(monkeypatch, lambda k: expected[k])
+    before = _full_loss(net, x, y)
+    for epoch in range(2):
+        for w in range(4):  # accumulate two micro-batches per step
+            total = 0.0
+            for i in range(ACC):
+                b = w * ACC + i
+                with fabric.no_backward_sync(model, enabled=i < ACC - 1):
+                    loss = F.mse_loss(model(x[b * 8:(b + 1) * 8]), y[b * 8:(b + 1) * 8]) / ACC
+                    fabric.backward(loss)
+                opt.add_loss(loss)
+                total += float(loss)
+            expected.append(total)
+            opt.step()
+            opt.zero_grad()
+    assert _full_loss(net, x, y) < 0.7 * before
+    spy.check(steps=8)
