@@ -281,3 +281,96 @@ def test_fabric(monkeypatch):
             opt.zero_grad()
     assert _full_loss(net, x, y) < 0.7 * before
     spy.check(steps=8)
+
+
+# ------------------------------------------------------------------------ transformers Trainer
+
+
+def _gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _token_data(n=32, length=8, seed=0):
+    """Sequences a model can learn: each token is 3 * the previous + 1, mod 50."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 50, (n, 1), generator=g)
+    ids = [start]
+    for _ in range(length - 1):
+        ids.append((ids[-1] * 3 + 1) % 50)
+    ids = torch.cat(ids, dim=1)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def _lm_loss(model, ids):
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("precision,loss_kwargs", [("32", True), ("32", False), ("bf16", True)])
+def test_transformers_trainer(monkeypatch, tmp_path, precision, loss_kwargs):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from adaml_kernels.integrations.transformers import AdamLTrainer
+
+    windows, counts = {}, {}  # global_step -> its micro-batches' input_ids, Trainer's token count
+
+    class Recording(AdamLTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            windows.setdefault(self.state.global_step, []).append(inputs["input_ids"].clone())
+            counts[self.state.global_step] = num_items_in_batch
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    data = _token_data()
+    all_ids = torch.stack([d["input_ids"] for d in data])
+
+    def make(run):
+        model = _gpt2()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / run), use_cpu=True, bf16=precision == "bf16", seed=0,
+            per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=8,
+            lr_scheduler_type="constant", save_strategy="steps", save_steps=4,
+            logging_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_num_workers=0)
+        trainer = Recording(model=model, args=args, train_dataset=data,
+                            optimizer_cls_and_kwargs=(AdamL, {"lr": 0.02}))
+        if not loss_kwargs:  # Trainer then divides each micro-batch loss by the step's count
+            trainer.model_accepts_loss_kwargs = False
+        return model, trainer
+
+    def expected(step):
+        """The loss of the accumulated batch, as Trainer backpropagates it: the sum of its token
+        losses over Trainer's token count when the model takes num_items_in_batch, else their
+        mean (every micro-batch has as many tokens). transformers 5.24 counts every label of
+        GPT2LMHeadModel, 8 a sequence, of which the model predicts 7 (see docs/frameworks.md)."""
+        ids = torch.cat(windows[step])
+        predicted = ids.shape[0] * (ids.shape[1] - 1)
+        count = int(counts[step]) if loss_kwargs else predicted
+        return _lm_loss(model, ids) * predicted / count
+
+    model, trainer = make("full")
+    spy = LossSpy(monkeypatch, lambda k: expected(trainer.state.global_step))
+    before = _lm_loss(model, all_ids)
+    trainer.train()
+    assert _lm_loss(model, all_ids) < 0.8 * before  # (1)
+    spy.check(steps=8, rel=2e-2 if precision == "bf16" else 1e-5)  # (2)
+    assert all(len(w) == 2 for w in windows.values())
+
+    resumed, trainer = make("resumed")  # (3)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    assert_bitwise(params_bytes(resumed), params_bytes(model))
+
+
+def test_transformers_trainer_refuses_other_optimizers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from adaml_kernels.integrations.transformers import AdamLTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=1,
+                                          report_to="none", disable_tqdm=True)
+    trainer = AdamLTrainer(model=_gpt2(), args=args, train_dataset=_token_data(4))
+    with pytest.raises(TypeError, match="AdamLTrainer needs an AdamL optimizer"):
+        trainer.train()
