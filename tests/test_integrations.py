@@ -7,6 +7,7 @@ framework backpropagated them, unscaled), and (3) a resume from a checkpoint con
 the uninterrupted run. The loss AdamL used is read where step() hands it to the update.
 """
 
+import math
 import os
 
 import pytest
@@ -374,3 +375,89 @@ def test_transformers_trainer_refuses_other_optimizers(tmp_path):
     trainer = AdamLTrainer(model=_gpt2(), args=args, train_dataset=_token_data(4))
     with pytest.raises(TypeError, match="AdamLTrainer needs an AdamL optimizer"):
         trainer.train()
+
+
+# ---------------------------------------------------------------------------------- accelerate
+
+
+def _accelerate(precision, amp_scaling=True):
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a singleton
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACC,
+                              mixed_precision="bf16" if precision == "bf16" else "no")
+    if precision == "fp16":
+        # accelerate has no fp16 on the CPU; give it the GradScaler it makes for fp16 on a GPU
+        # (the loop then runs as under fp16 there, without the fp16 autocast).
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    net = regression_net()
+    model, opt = accelerator.prepare(net, AdamL(net.parameters(), lr=0.03,
+                                                amp_scaling=amp_scaling))
+    return accelerator, net, model, opt
+
+
+def _accelerate_epoch(accelerator, model, opt, x, y, poison=()):
+    from adaml_kernels.integrations.accelerate import backward
+
+    for b in range(len(x) // BATCH):
+        with accelerator.accumulate(model):
+            out = model(x[b * BATCH:(b + 1) * BATCH])
+            if b in poison:  # overflowing gradients, a finite loss
+                out.register_hook(lambda g: g * math.inf)
+            loss = F.mse_loss(out, y[b * BATCH:(b + 1) * BATCH])
+            backward(accelerator, loss, opt)
+            opt.step()
+            opt.zero_grad()
+
+
+def _window_loss(net, x, y, window, precision):
+    """The sum of the window's micro-batch losses over ACC, as accelerator.backward took them."""
+    total = 0.0
+    for b in range(window * ACC, (window + 1) * ACC):
+        with autocast("bf16" if precision == "bf16" else "32"):  # as the prepared forward
+            total += float(F.mse_loss(net(x[b * BATCH:(b + 1) * BATCH]),
+                                      y[b * BATCH:(b + 1) * BATCH])) / ACC
+    return total
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16", "fp16"])
+def test_accelerate(monkeypatch, tmp_path, precision):
+    x, y = regression_data()
+    accelerator, net, model, opt = _accelerate(precision)
+    spy = LossSpy(monkeypatch, lambda k: _window_loss(net, x, y, k % 4, precision))
+    before = _full_loss(net, x, y)
+    _accelerate_epoch(accelerator, model, opt, x, y)
+    accelerator.save_state(str(tmp_path / "epoch1"))
+    _accelerate_epoch(accelerator, model, opt, x, y)
+    assert _full_loss(net, x, y) < 0.7 * before  # (1)
+    spy.check(steps=8)  # (2)
+    assert spy.grad_scales == [256.0 if precision == "fp16" else None] * 8
+    done = params_bytes(net)
+
+    accelerator, net, model, opt = _accelerate(precision)  # (3)
+    accelerator.load_state(str(tmp_path / "epoch1"))
+    _accelerate_epoch(accelerator, model, opt, x, y)
+    assert_bitwise(params_bytes(net), done)
+
+
+@pytest.mark.parametrize("amp_scaling", [True, False])
+def test_accelerate_overflowing_step_is_skipped(monkeypatch, amp_scaling):
+    # A step whose gradients overflow is skipped: by AdamL (amp_scaling=True, GradScaler hands it
+    # found_inf) or by GradScaler itself (amp_scaling=False). Either way the next step uses only
+    # its own losses.
+    x, y = regression_data()
+    accelerator, net, model, opt = _accelerate("fp16", amp_scaling=amp_scaling)
+    windows = [0, 1, 2, 3] if amp_scaling else [0, 1, 3]  # the steps that reach AdamL
+    spy = LossSpy(monkeypatch, lambda k: _window_loss(net, x, y, windows[k], "fp16"))
+    _accelerate_epoch(accelerator, model, opt, x, y, poison={5})  # window 2
+    if amp_scaling:
+        assert len(spy.used) == 4 and spy.used[2] == pytest.approx(spy.expected[2])
+        del spy.used[2], spy.expected[2]
+        assert opt.optimizer.skipped_steps == 1
+    else:
+        assert opt.optimizer.skipped_steps == 0
+    assert opt.step_was_skipped is False and spy.used == pytest.approx(spy.expected, rel=1e-6)
+    assert len(spy.used) == 3
