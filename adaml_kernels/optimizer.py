@@ -226,6 +226,7 @@ class AdamL(torch.optim.Optimizer):
         the losses registered since the last step or zero_grad(). Nothing is read on the host."""
         self._pending.add(loss)
 
+    @torch.compiler.disable  # as torch.optim's zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, and forget the losses registered since the last step: they belong to
         the gradients being zeroed. (A step that GradScaler skips with amp_scaling=False never
