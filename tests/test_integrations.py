@@ -123,7 +123,9 @@ def _lightning():
             return None
 
         def configure_optimizers(self):
-            return AdamL(self.parameters(), lr=0.03)
+            opt = AdamL(self.parameters(), lr=0.03)
+            # A scheduler wraps opt.step before the callback does (the lr does not change here).
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 100)}
 
         def expected(self, step, x, y):
             """The sum of the losses Lightning backpropagated for `step` (micro-batch losses
@@ -177,8 +179,8 @@ def test_lightning_automatic(monkeypatch, tmp_path, precision, clip):
     spy.check(steps=8)  # (2)
     if precision == "fp16":  # the kernel unscales, or GradScaler did before the clipping
         assert spy.grad_scales == ([None] * 8 if clip else [256.0] * 8)
-    opt = model.trainer.optimizers[0]
-    assert opt._step_supports_amp_scaling and "step" not in opt.__dict__  # restored
+    opt = model.trainer.optimizers[0]  # restored: amp_scaling, and the scheduler's opt.step
+    assert opt._step_supports_amp_scaling and opt.step._wrapped_by_lr_sched
 
     # (3) resume: one epoch, a checkpoint, a new Trainer for the second epoch
     first = Regression(precision=precision)
@@ -191,6 +193,7 @@ def test_lightning_automatic(monkeypatch, tmp_path, precision, clip):
     assert float(resumed.trainer.optimizers[0]._initial_loss) == spy.used[0]
 
 
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
 def test_lightning_training_step_returning_none(monkeypatch):
     L, Regression, AdamLCallback = _lightning()
     x, y = regression_data()
@@ -276,7 +279,7 @@ def test_fabric(monkeypatch):
                     loss = F.mse_loss(model(x[b * 8:(b + 1) * 8]), y[b * 8:(b + 1) * 8]) / ACC
                     fabric.backward(loss)
                 opt.add_loss(loss)
-                total += float(loss)
+                total += float(loss.detach())
             expected.append(total)
             opt.step()
             opt.zero_grad()

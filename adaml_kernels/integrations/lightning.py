@@ -23,8 +23,9 @@ What it does, for the fit it is attached to:
   closure's result (which is only the last micro-batch's share). A training_step that returns
   None registers nothing; a window with no backward at all is a no-op step.
 - Manual optimisation: ``opt.step()`` uses the registered losses; ``opt.step(loss=...)`` still
-  overrides them. With more than one AdamL optimizer a backward cannot be attributed to one, so
-  nothing is registered: pass ``opt.step(loss=...)`` yourself.
+  overrides them. With more than one optimizer (e.g. a GAN) a backward cannot be attributed to
+  one, so nothing is registered: pass ``opt.step(loss=...)``, or call ``opt.add_loss(loss)``
+  after each ``manual_backward`` yourself.
 - ``gradient_clip_val``: Lightning refuses to clip for an optimizer that unscales in its step
   (``_step_supports_amp_scaling``), so for such a fit AdamL's amp_scaling is switched off (as
   ``AdamL(..., amp_scaling=False)``): under "16-mixed" GradScaler unscales before the clipping
@@ -48,32 +49,32 @@ class AdamLCallback(Callback):
     """Registers every backpropagated loss with AdamL (see the module docstring)."""
 
     def __init__(self):
-        self._optimizers = []  # the AdamL optimizers of the running fit
-        self._undo = []  # callables that restore what setup changed
+        self._adaml = None  # the fit's AdamL, if it is the fit's only optimizer
+        self._undo = []  # callables that restore what on_fit_start changed
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self._undo = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        found = (find_adaml(opt) for opt in trainer.optimizers)
-        self._optimizers = [opt for opt in found if opt is not None]
-        for opt in self._optimizers:
+        adamls = [opt for opt in map(find_adaml, trainer.optimizers) if opt is not None]
+        self._adaml = adamls[0] if len(trainer.optimizers) == 1 and adamls else None
+        for opt in adamls:
             if trainer.gradient_clip_val and opt._step_supports_amp_scaling:
                 opt._step_supports_amp_scaling = False
                 self._undo.append(lambda opt=opt: setattr(opt, "_step_supports_amp_scaling", True))
-            if pl_module.automatic_optimization:
-                self._undo.append(_step_with_registered_losses(opt))
+        if self._adaml is not None and pl_module.automatic_optimization:
+            self._undo.append(_step_with_registered_losses(self._adaml))
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        if len(self._optimizers) == 1:
-            self._optimizers[0].add_loss(_unscaled(loss, trainer.precision_plugin))
+        if self._adaml is not None:
+            self._adaml.add_loss(_unscaled(loss, trainer.precision_plugin))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             for undo in reversed(self._undo):
                 undo()
-            self._undo, self._optimizers = [], []
+            self._undo, self._adaml = [], None
 
 
 def _unscaled(loss: torch.Tensor, precision) -> torch.Tensor:
@@ -103,6 +104,8 @@ def _step_with_registered_losses(opt):
                 closure()  # training_step and backward: registers the last micro-batch's loss
         return previous(**kwargs)  # no loss given: AdamL uses the registered sum
 
+    if getattr(previous, "_wrapped_by_lr_sched", False):
+        step._wrapped_by_lr_sched = True  # it still calls the scheduler's wrapper: no warning
     wrapped = types.MethodType(step, opt)
     opt.step = wrapped
 
