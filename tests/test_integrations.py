@@ -36,11 +36,12 @@ class LossSpy:
         original = AdamL._step_inputs
 
         def _step_inputs(opt, loss, group, grad_scale, found_inf):
-            self.used.append(float(loss))
+            inputs = original(opt, loss, group, grad_scale, found_inf)
+            self.used.append(float(inputs.loss))  # averaged over the ranks under DDP
             self.grad_scales.append(None if grad_scale is None else float(grad_scale))
             if expected is not None:
                 self.expected.append(float(expected(len(self.used) - 1)))
-            return original(opt, loss, group, grad_scale, found_inf)
+            return inputs
 
         monkeypatch.setattr(AdamL, "_step_inputs", _step_inputs)
 
@@ -464,3 +465,75 @@ def test_accelerate_overflowing_step_is_skipped(monkeypatch, amp_scaling):
         assert opt.optimizer.skipped_steps == 0
     assert opt.step_was_skipped is False and spy.used == pytest.approx(spy.expected, rel=1e-6)
     assert len(spy.used) == 3
+
+
+def _trainer_ddp_rank(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    import torch.distributed as dist
+    import transformers
+
+    from adaml_kernels.integrations.transformers import AdamLTrainer
+
+    windows, counts, used, expected, registered = [], {}, [], [], []
+
+    class Recording(AdamLTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            windows.append((self.state.global_step, inputs["input_ids"].clone()))
+            counts[self.state.global_step] = int(num_items_in_batch)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    model = _gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=os.path.join(out_dir, "out"), use_cpu=True, ddp_backend="gloo", seed=0,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+        lr_scheduler_type="constant", save_strategy="no", logging_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Recording(model=model, args=args, train_dataset=_token_data(),
+                        optimizer_cls_and_kwargs=(AdamL, {"lr": 0.02}))
+    original = AdamL._step_inputs
+
+    def _step_inputs(opt, loss, group, grad_scale, found_inf):
+        inputs = original(opt, loss, group, grad_scale, found_inf)
+        step = trainer.state.global_step
+        ids = torch.cat([w for s, w in windows if s == step])
+        # This rank's sum of token losses; all ranks' sum over Trainer's (global) token count.
+        local = torch.tensor(_lm_loss(model, ids) * ids.shape[0] * (ids.shape[1] - 1),
+                             dtype=torch.float64)
+        dist.all_reduce(local)
+        used.append(float(inputs.loss))
+        registered.append(float(loss))  # this rank's sum, before AdamL averages it
+        expected.append(float(local) / counts[step])
+        return inputs
+
+    AdamL._step_inputs = _step_inputs
+    trainer.train()
+    torch.save({"used": used, "expected": expected, "registered": registered,
+                "world": dist.get_world_size(), "params": [p.detach() for p in model.parameters()]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_transformers_trainer_ddp(tmp_path):
+    # Two CPU processes (gloo): Trainer multiplies each rank's loss by the world size under
+    # average_tokens_across_devices and DDP averages the gradients; AdamL's average of the
+    # ranks' losses is the loss of the whole accumulated global batch.
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # spawn, not fork: forked children hung when earlier tests of this module (the accelerate
+    # ones) had run in the parent, even with accelerate's process-wide state reset in them.
+    mp.start_processes(_trainer_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0]["registered"] != ranks[1]["registered"]
+    for r in ranks:
+        assert len(r["used"]) == 4
+        assert r["used"] == pytest.approx(r["expected"], rel=1e-5)
+    assert ranks[0]["used"] == ranks[1]["used"]
+    assert_bitwise(ranks[0]["params"], ranks[1]["params"])
