@@ -233,8 +233,16 @@ class AdamL(torch.optim.Optimizer):
 
     def add_loss(self, loss) -> None:
         """Register the loss of a backward pass; the next step() without a loss uses the sum of
-        the losses registered since the last step. Nothing is read on the host."""
+        the losses registered since the last step or zero_grad(). Nothing is read on the host."""
         self._pending.add(loss)
+
+    @torch.compiler.disable  # as torch.optim's zero_grad
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's, and forget the losses registered since the last step: they belong to
+        the gradients being zeroed. (A step that GradScaler skips with amp_scaling=False never
+        reaches AdamL, so without this its losses would be added to the next step's.)"""
+        self._pending.take()
+        super().zero_grad(set_to_none)
 
     # ----------------------------------------------------------------------------- step
 

@@ -503,3 +503,22 @@ def _like(p, generator):
     """A random gradient with p's shape and strides."""
     values = torch.randn(p.shape, generator=generator).to(p.device)
     return torch.empty_like(p).copy_(values)
+
+
+def test_zero_grad_forgets_the_losses_of_a_step_grad_scaler_skipped():
+    # amp_scaling=False: GradScaler skips a step with inf gradients without calling AdamL, so the
+    # loss registered for it must not reach the next step (zero_grad drops it).
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = AdamL([w], lr=0.1, amp_scaling=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    seen, registered = [], []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(float(o._pending.total)))
+    for poison in (False, True, False):
+        opt.zero_grad()
+        loss = (w * w).sum()
+        scaler.scale(loss * (math.inf if poison else 1.0)).backward()
+        opt.add_loss(loss)
+        registered.append(float(loss))
+        scaler.step(opt)
+        scaler.update()
+    assert seen == [registered[0], registered[2]]  # the skipped step's loss is not added
