@@ -79,10 +79,7 @@ class FastPath:
         if isinstance(loss, torch.Tensor):
             if loss.device != self.device or loss.numel() != 1 or not loss.is_floating_point():
                 return FALLBACK
-            loss_t = loss
-        elif isinstance(loss, (float, int)) and not isinstance(loss, bool):
-            loss_t = torch.full((), float(loss), dtype=torch.float64, device=self.device)
-        else:
+        elif not isinstance(loss, (float, int)) or isinstance(loss, bool):
             return FALLBACK
         found_inf = getattr(opt, "found_inf", None)
         grad_scale = getattr(opt, "grad_scale", None)
@@ -105,9 +102,7 @@ class FastPath:
         for plan in opt._plans:
             plan.grad_ptrs = None  # the tables were repointed here: the general path re-reads
         opt._pending.take()
-        group = losses.process_group(opt.loss_group)
-        if group is not None:
-            loss_t = losses.average(loss_t, group)
+        loss_t = opt._step_loss(loss, losses.process_group(opt.loss_group), self.device)
         _extension.C.prologue(loss_t, found_inf, opt._initial_loss, opt._skipped, self.take,
                               self.tables, len(self.launches))
         for gi, bucket in self.launches:

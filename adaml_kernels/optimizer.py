@@ -354,12 +354,14 @@ class AdamL(torch.optim.Optimizer):
                     self._share_scalars(self.state[p])
         self._planned_state_version = self.state.version
 
+    def _step_loss(self, loss, group, device: torch.device) -> torch.Tensor:
+        """The loss this step uses (both paths): 0-dim, on `device`, averaged over `group`."""
+        loss_t = losses.as_tensor(loss, device)
+        return loss_t if group is None else losses.average(loss_t, group)
+
     def _step_inputs(self, loss, group, grad_scale, found_inf) -> StepInputs:
         """The loss (averaged over `group`), the skip decision and f_1, on the home device."""
-        device = self._initial_loss.device
-        loss_t = losses.as_tensor(loss, device)
-        if group is not None:
-            loss_t = losses.average(loss_t, group)
+        loss_t = self._step_loss(loss, group, self._initial_loss.device)
         take = losses.decide_take(loss_t, found_inf)
         losses.record_initial_loss(self._initial_loss, loss_t, take)
         self._taken = take

@@ -33,17 +33,19 @@ class LossSpy:
 
     def __init__(self, monkeypatch, expected=None):
         self.used, self.expected, self.grad_scales = [], [], []
-        original = AdamL._step_inputs
+        original = AdamL._step_loss
 
-        def _step_inputs(opt, loss, group, grad_scale, found_inf):
-            inputs = original(opt, loss, group, grad_scale, found_inf)
-            self.used.append(float(inputs.loss))  # averaged over the ranks under DDP
+        def _step_loss(opt, loss, group, device):
+            # Where both of AdamL's paths settle the loss of a step.
+            loss_t = original(opt, loss, group, device)
+            self.used.append(float(loss_t))  # averaged over the ranks under DDP
+            grad_scale = getattr(opt, "grad_scale", None)
             self.grad_scales.append(None if grad_scale is None else float(grad_scale))
             if expected is not None:
                 self.expected.append(float(expected(len(self.used) - 1)))
-            return inputs
+            return loss_t
 
-        monkeypatch.setattr(AdamL, "_step_inputs", _step_inputs)
+        monkeypatch.setattr(AdamL, "_step_loss", _step_loss)
 
     def check(self, steps, rel=1e-6):
         assert len(self.used) == steps
@@ -491,22 +493,22 @@ def _trainer_ddp_rank(rank, world, port, out_dir):
         report_to="none", disable_tqdm=True, dataloader_num_workers=0)
     trainer = Recording(model=model, args=args, train_dataset=_token_data(),
                         optimizer_cls_and_kwargs=(AdamL, {"lr": 0.02}))
-    original = AdamL._step_inputs
+    original = AdamL._step_loss
 
-    def _step_inputs(opt, loss, group, grad_scale, found_inf):
-        inputs = original(opt, loss, group, grad_scale, found_inf)
+    def _step_loss(opt, loss, group, device):
+        loss_t = original(opt, loss, group, device)
         step = trainer.state.global_step
         ids = torch.cat([w for s, w in windows if s == step])
         # This rank's sum of token losses; all ranks' sum over Trainer's (global) token count.
         local = torch.tensor(_lm_loss(model, ids) * ids.shape[0] * (ids.shape[1] - 1),
                              dtype=torch.float64)
         dist.all_reduce(local)
-        used.append(float(inputs.loss))
+        used.append(float(loss_t))
         registered.append(float(loss))  # this rank's sum, before AdamL averages it
         expected.append(float(local) / counts[step])
-        return inputs
+        return loss_t
 
-    AdamL._step_inputs = _step_inputs
+    AdamL._step_loss = _step_loss
     trainer.train()
     torch.save({"used": used, "expected": expected, "registered": registered,
                 "world": dist.get_world_size(), "params": [p.detach() for p in model.parameters()]},
