@@ -20,6 +20,7 @@ from . import backends
 from .buckets import Bucket, is_dense, moment_dtype
 from .hyperparams import Hyperparams
 from .loss import StepInputs
+from .precision import MASTER_KEY, Precision
 from .tensor_checks import check_grad, check_kernel_layout, check_param, same_layout
 
 # Each parameter's moments start on a 64-byte boundary of the flat buffer.
@@ -28,6 +29,7 @@ ALIGN_BYTES = 64
 # the two streams would then map to the same cache sets (4K aliasing), which made the CPU step
 # 25-35% slower at 64M parameters.
 ROW_GAP_BYTES = 4096 + 64
+DEFAULT_PRECISION = Precision()
 
 
 def param_key(p: torch.Tensor) -> tuple:
@@ -44,12 +46,16 @@ class GroupPlan:
     grad_ptrs: list[int]
     buckets: list[tuple[Bucket, str]]  # with the backend that runs each
     members: list[list[int]]  # per bucket, its parameters' indices in `params`
+    grad_dtypes: list[torch.dtype] | None = None  # a bucket holds gradients of one dtype
 
     def change(self, params, grads) -> str | None:
         """None if the plan holds for these tensors, "grads" if only gradients moved, else "all"."""
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return "all"
         if any(map(operator.ne, map(param_key, params), self.param_keys)):
+            return "all"
+        if self.grad_dtypes is not None and any(
+                map(operator.is_not, (g.dtype for g in grads), self.grad_dtypes)):
             return "all"
         try:
             if all(map(operator.eq, (g.data_ptr() for g in grads), self.grad_ptrs)):
@@ -80,7 +86,11 @@ class GroupPlan:
     def describe(self) -> list[dict]:
         return [
             dict(backend=name, device=str(b.device), dtype=str(b.dtype).removeprefix("torch."),
-                 tensors=len(b.params), numel=sum(p.numel() for p in b.params))
+                 tensors=len(b.params), numel=sum(p.numel() for p in b.params),
+                 grad_dtype=str(b.grads[0].dtype).removeprefix("torch."),
+                 state_dtype=str(b.exp_avgs[0].dtype).removeprefix("torch."),
+                 master_weights=b.master_params is not None,
+                 stochastic_rounding=b.stochastic_rounding)
             for b, name in self.buckets
         ]
 
@@ -93,8 +103,8 @@ def check_group(params, grads, state, requested: str) -> list[str]:
         check_grad(p, g)
         st = state.get(p)
         if st and "exp_avg" in st:
-            for key in ("exp_avg", "exp_avg_sq"):
-                if st[key].shape != p.shape:
+            for key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
+                if key in st and st[key].shape != p.shape:
                     raise ValueError(
                         f"a parameter of shape {tuple(p.shape)} has state {key!r} of shape "
                         f"{tuple(st[key].shape)}: it was changed in place (p.data = ...) to "
@@ -108,27 +118,36 @@ def check_group(params, grads, state, requested: str) -> list[str]:
     return names
 
 
-def make_group_plan(params, grads, names, state, group_params, packed: dict, gi: int) -> GroupPlan:
-    """The plan of group `gi` (checked by check_group). Lays out state where it does not fit."""
+def make_group_plan(params, grads, names, state, group_params, packed: dict, gi: int,
+                    low: Precision = DEFAULT_PRECISION, index_of: dict | None = None) -> GroupPlan:
+    """The plan of group `gi` (checked by check_group). Lays out state where it does not fit.
+
+    `low` holds the low-precision options; `index_of` maps id(p) to the parameter's index in the
+    optimizer (stochastic rounding's j; default: its position in `params`).
+    """
     by_bucket: dict[tuple, list[int]] = {}
-    for i, (p, name) in enumerate(zip(params, names)):
-        by_bucket.setdefault((p.device, p.dtype, name), []).append(i)
-    for device, dtype in {(d, t) for d, t, _ in by_bucket}:
+    for i, (p, g, name) in enumerate(zip(params, grads, names)):
+        by_bucket.setdefault((p.device, p.dtype, g.dtype, name), []).append(i)
+    for device, dtype in {(d, t) for d, t, _, _ in by_bucket}:
         active = [p for p in params if p.device == device and p.dtype == dtype]
-        pack_state(state, group_params, packed, (gi, device, dtype), active)
+        pack_state(state, group_params, packed, (gi, device, dtype), active, low)
     buckets, members = [], []
-    for (_, _, name), idx in by_bucket.items():
+    for (_, dtype, _, name), idx in by_bucket.items():
         views = [state[params[i]] for i in idx]
         bucket = Bucket(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             *([st[key] for st in views] for key in ("exp_avg", "exp_avg_sq", "step")),
+            master_params=[st[MASTER_KEY] for st in views] if low.has_master(dtype) else None,
+            param_indices=idx if index_of is None else [index_of[id(params[i])] for i in idx],
+            stochastic_rounding=low.stochastic_rounding,
+            seed=low.seed,
         )
         buckets.append((bucket, name))
         members.append(idx)
     return GroupPlan(
         list(params), [param_key(p) for p in params], [g.data_ptr() for g in grads], buckets,
-        members,
+        members, [g.dtype for g in grads],
     )
 
 
@@ -155,22 +174,29 @@ def moment_stride(p: torch.Tensor) -> tuple:
     return p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
 
 
-def state_fits(p: torch.Tensor, st: dict | None) -> bool:
-    """Whether p's moments exist and are laid out for p as it is now."""
+def state_fits(p: torch.Tensor, st: dict | None, low: Precision = DEFAULT_PRECISION) -> bool:
+    """Whether p's moments (and master weight, if it needs one) exist and are laid out for p as
+    it is now."""
     if not st or "exp_avg" not in st:
         return False
     m = st["exp_avg"]
-    return (
-        m.device == p.device and m.dtype == moment_dtype(p.dtype) and m.shape == p.shape
-        and m.stride() == moment_stride(p)
+    fits = (
+        m.device == p.device and m.dtype == moment_dtype(p.dtype, low.state_dtype)
+        and m.shape == p.shape and m.stride() == moment_stride(p)
     )
+    if not low.has_master(p.dtype):
+        return fits and MASTER_KEY not in st
+    x = st.get(MASTER_KEY)
+    return fits and x is not None and x.device == p.device and x.dtype == torch.float32 and (
+        x.shape == p.shape and x.stride() == moment_stride(p))
 
 
-def pack_state(state, group_params, packed: dict, key: tuple, active: list) -> None:
+def pack_state(state, group_params, packed: dict, key: tuple, active: list,
+               low: Precision = DEFAULT_PRECISION) -> None:
     """Lay out the state of (group, device, dtype) in flat buffers, unless it already is with
     every parameter of `active` among its members and laid out as that parameter is now."""
     if key in packed and all(
-        id(p) in packed[key] and state_fits(p, state.get(p)) for p in active
+        id(p) in packed[key] and state_fits(p, state.get(p), low) for p in active
     ):
         return
     _, device, dtype = key
@@ -180,29 +206,39 @@ def pack_state(state, group_params, packed: dict, key: tuple, active: list) -> N
         if p.device == device and p.dtype == dtype
         and (id(p) in active_ids or "exp_avg" in state.get(p, {}))
     ]
-    pack(members, state)
+    pack(members, state, low)
     packed[key] = {id(p) for p in members}
 
 
-def pack(members: list[torch.Tensor], state) -> None:
-    """Lay the state of `members` out in flat buffers and make their state entries views of them.
-
-    Existing values (from earlier steps, an earlier layout or a loaded checkpoint) are copied
-    in element by element of the logical shape; new parameters start with zero moments and
-    step 0.
-    """
-    device, dtype = members[0].device, members[0].dtype
-    mdt = moment_dtype(dtype)
-    element = torch.empty((), dtype=mdt).element_size()
-    align = ALIGN_BYTES // element
+def _offsets(members, dtype: torch.dtype) -> tuple[list[int], int]:
+    """Each member's offset in a flat buffer of `dtype` (64-byte aligned), and the total."""
+    align = ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
     offsets, total = [], 0
     for p in members:
         offsets.append(total)
         total += -(-p.numel() // align) * align
+    return offsets, total
+
+
+def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION) -> None:
+    """Lay the state of `members` out in flat buffers and make their state entries views of them.
+
+    Existing values (from earlier steps, an earlier layout or a loaded checkpoint) are copied
+    in element by element of the logical shape; new parameters start with zero moments and
+    step 0, and a new master weight (fp16/bf16 parameters under master_weights) with the
+    parameter's value. A master weight that is no longer needed is dropped.
+    """
+    device, dtype = members[0].device, members[0].dtype
+    mdt = moment_dtype(dtype, low.state_dtype)
+    offsets, total = _offsets(members, mdt)
     # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
-    second_row = total + ROW_GAP_BYTES // element
+    second_row = total + ROW_GAP_BYTES // torch.empty((), dtype=mdt).element_size()
     buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
     steps = torch.zeros(len(members), dtype=torch.float32, device=device)
+    master = None
+    if low.has_master(dtype):  # float32 master weights: a buffer of their own
+        master_offsets, master_total = _offsets(members, torch.float32)
+        master = torch.empty(master_total, dtype=torch.float32, device=device)
     for i, (p, off) in enumerate(zip(members, offsets)):
         st = state[p]
         stride = moment_stride(p)
@@ -211,6 +247,12 @@ def pack(members: list[torch.Tensor], state) -> None:
             "exp_avg": buffer.as_strided(p.shape, stride, off),
             "exp_avg_sq": buffer.as_strided(p.shape, stride, second_row + off),
         }
+        if master is not None:
+            views[MASTER_KEY] = master.as_strided(p.shape, stride, master_offsets[i])
+            if MASTER_KEY not in st:
+                views[MASTER_KEY].copy_(p.detach())
+        else:
+            st.pop(MASTER_KEY, None)
         for name, view in views.items():
             if name in st:
                 view.copy_(st[name])
