@@ -47,9 +47,10 @@ at every step, one thread, and reports microseconds per step and per tensor.
 
 `run_benchmark`, `run_memory_check` and `run_host_overhead` are the programmatic entry points;
 `main` (cli.py) is the CLI. Modules: cases (workloads), contenders (what is compared, traffic
-model), modes (AdamL's low-precision modes), timing (timer, policy, rotation sets), environment (machine facts), params (parameter
-sets), rows (the row each measurement fills), run (running the cases), host_overhead, memory
-(peak-memory check), goals, report (header, tables, plot, JSON), errors, cli.
+model), modes (AdamL's low-precision modes), timing (timer, policy, rotation sets), environment
+(machine facts), params (parameter sets), rows (the row each measurement fills), run (running
+the cases), host_overhead, memory (peak-memory check), goals, report (header, tables, plot,
+JSON), errors, cli.
 """
 
 from .cli import main
