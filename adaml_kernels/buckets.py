@@ -63,7 +63,8 @@ class PointerTable:
     rows_host: torch.Tensor  # the same rows on the CPU, to check them against the tensors
     chunk_tensor: torch.Tensor  # int32 [num_chunks], on the bucket's device
     num_chunks: int
-    aligned: bool  # every param/grad/moment address is VECTOR_BYTES-aligned
+    aligned: bool  # every param/grad/moment/master address is VECTOR_BYTES-aligned
+    aligned_but_grads: bool = True  # the same, the grad column left out (it changes alone)
 
 
 class Bucket:
@@ -106,13 +107,15 @@ class Bucket:
         self.grads = list(grads)
         if self._table is not None:
             rows_host = self._table.rows_host.clone()
-            rows_host[:, 1] = torch.tensor([g.data_ptr() for g in self.grads], dtype=torch.int64)
+            ptrs = [g.data_ptr() for g in self.grads]
+            rows_host[:, 1] = torch.tensor(ptrs, dtype=torch.int64)
             self._table = PointerTable(
                 rows=_to_device(rows_host, self.device),
                 rows_host=rows_host,
                 chunk_tensor=self._table.chunk_tensor,
                 num_chunks=self._table.num_chunks,
-                aligned=rows_aligned(rows_host),
+                aligned=self._table.aligned_but_grads and _all_aligned(ptrs, rows_host[:, 1]),
+                aligned_but_grads=self._table.aligned_but_grads,
             )
 
     def advance_steps(self, take: torch.Tensor) -> None:
@@ -207,19 +210,31 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params=None,
         torch.arange(len(rows), dtype=torch.int32), torch.tensor(chunk_counts, dtype=torch.int64)
     )
     device = params[0].device if params else torch.device("cpu")
+    but_grads = rows_aligned(rows_t.index_fill(1, torch.tensor([1]), 0))
     return PointerTable(
         rows=_to_device(rows_t, device),
         rows_host=rows_t,
         chunk_tensor=_to_device(chunk_tensor, device),
         num_chunks=first_chunk,
-        aligned=rows_aligned(rows_t),
+        aligned=but_grads and bool((rows_t[:, 1] % VECTOR_BYTES == 0).all()),
+        aligned_but_grads=but_grads,
     )
+
+
+def _all_aligned(ptrs: list[int], column: torch.Tensor) -> bool:
+    """Whether every address is VECTOR_BYTES-aligned (in Python for a few, else in torch)."""
+    if len(ptrs) <= 256:
+        return all(p % VECTOR_BYTES == 0 for p in ptrs)
+    return bool((column % VECTOR_BYTES == 0).all())
 
 
 def rows_aligned(rows_host: torch.Tensor) -> bool:
     """Whether every param, grad, moment and master address in the table is VECTOR_BYTES-aligned
     (a missing master weight has address 0)."""
-    return bool((rows_host[:, list(ADDRESS_COLUMNS)] % VECTOR_BYTES == 0).all())
+    if rows_host.shape[0] == 0:
+        return True
+    worst = (rows_host[:, :MASTER_COLUMN + 1] % VECTOR_BYTES).amax(0).tolist()
+    return not any(worst[c] for c in ADDRESS_COLUMNS)
 
 
 def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps,

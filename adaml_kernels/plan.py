@@ -54,11 +54,13 @@ class GroupPlan:
             return "all"
         if any(map(operator.ne, map(param_key, params), self.param_keys)):
             return "all"
-        if self.grad_dtypes is not None and any(
-                map(operator.is_not, (g.dtype for g in grads), self.grad_dtypes)):
-            return "all"
         try:
             if all(map(operator.eq, (g.data_ptr() for g in grads), self.grad_ptrs)):
+                # a bucket reads gradients of one dtype: one of another dtype at the same
+                # address (p.grad_dtype changed) needs a new plan (new_grads_fit checks moved ones)
+                if self.grad_dtypes is not None and any(
+                        map(operator.is_not, (g.dtype for g in grads), self.grad_dtypes)):
+                    return "all"
                 return None
         except RuntimeError:  # e.g. a sparse gradient has no data pointer: revalidate
             return "all"
@@ -66,12 +68,16 @@ class GroupPlan:
 
     def new_grads_fit(self, grads, requested: str) -> bool:
         """Check new gradients for the plan's parameters; False if they need a new plan (a
-        gradient laid out unlike its parameter, under backend="auto"). Raises if unusable."""
+        gradient laid out unlike its parameter, under backend="auto", or of another dtype than
+        its bucket's). Raises if unusable."""
         for (bucket, name), idx in zip(self.buckets, self.members):
             fused = backends.is_fused(name)
+            dtype = bucket.grads[0].dtype
             for p, i in zip(bucket.params, idx):
                 g = grads[i]
                 check_grad(p, g)
+                if g.dtype is not dtype:
+                    return False
                 if fused and g.stride() != p.stride() and not same_layout(p, g):
                     if requested == "auto":
                         return False

@@ -35,7 +35,8 @@ def grad_dtype_ok(p: torch.Tensor, g: torch.Tensor) -> bool:
 def check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError("AdamL does not support sparse gradients; use a dense gradient")
-    if g.shape != p.shape or g.device != p.device or not grad_dtype_ok(p, g):
+    if g.shape != p.shape or g.device != p.device or (
+            g.dtype is not p.dtype and not grad_dtype_ok(p, g)):
         raise ValueError(
             f"gradient does not match its parameter: grad {tuple(g.shape)} {g.dtype} on "
             f"{g.device}, param {tuple(p.shape)} {p.dtype} on {p.device} (a gradient must have "

@@ -309,10 +309,11 @@ template <typename C> struct CpuPlan {
 #define ADAML_INLINE inline
 #endif
 
-// `index` is the whole parameter's index of p[0] (stochastic rounding only). The storage types
-// and stochastic rounding are compiled in (Cfg); the decay mode, maximize and the grad scale are
-// bit masks (SwitchMasks): one branch-free SIMD loop per Cfg and instruction set serves them all.
-template <typename Cfg>
+// `index` is the whole parameter's index of p[0] (stochastic rounding only). The storage types,
+// stochastic rounding and whether there is a grad scale (a division per element) are compiled in
+// (Cfg, kScale); the decay mode and maximize are bit masks (SwitchMasks): one branch-free SIMD
+// loop per Cfg, kScale and instruction set serves them all.
+template <typename Cfg, int kScale>
 ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg::G* __restrict g,
                               typename Cfg::M* __restrict m, typename Cfg::M* __restrict w,
                               typename Cfg::C* __restrict master, int64_t n, uint32_t key,
@@ -323,13 +324,13 @@ ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg:
   const SwitchMasks<C> on(decay, maximize, has_grad_scale);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    step_element<Cfg>(p, master, Param<Cfg::GT>::load(g[i]), m, w, i, key,
-                      index + static_cast<uint64_t>(i), s, on, Cfg::kSR);
+    step_element<Cfg, kScale>(p, master, Param<Cfg::GT>::load(g[i]), m, w, i, key,
+                              index + static_cast<uint64_t>(i), s, on, Cfg::kSR);
   }
 }
 
 // Chunks [c0, c1) of the bucket; consecutive chunks of one tensor are done as one span.
-template <typename Cfg>
+template <typename Cfg, int kScale>
 ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
   using C = typename Cfg::C;
   int64_t c = c0;
@@ -342,7 +343,7 @@ ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, in
     const int64_t begin = (c - first) * kChunk;
     const int64_t end = std::min((last - first) * kChunk, numel);
     C* master = Cfg::kMaster ? reinterpret_cast<C*>(row[kMasterAddr]) + begin : nullptr;
-    update_span<Cfg>(
+    update_span<Cfg, kScale>(
         reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
         reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
         reinterpret_cast<typename Cfg::M*>(row[kExpAvgAddr]) + begin,
@@ -358,29 +359,29 @@ template <typename Cfg>
 using RangeFn = void (*)(const CpuPlan<typename Cfg::C>&, int64_t, int64_t);
 
 // One copy of the loop per instruction set: the compiler vectorizes each for its own ISA.
-template <typename Cfg>
+template <typename Cfg, int kScale>
 void range_default(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
-  run_range<Cfg>(plan, c0, c1);
+  run_range<Cfg, kScale>(plan, c0, c1);
 }
 #if ADAML_X86_VARIANTS
-template <typename Cfg>
+template <typename Cfg, int kScale>
 ADAML_TARGET_AVX2 void range_avx2(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
-  run_range<Cfg>(plan, c0, c1);
+  run_range<Cfg, kScale>(plan, c0, c1);
 }
-template <typename Cfg>
+template <typename Cfg, int kScale>
 ADAML_TARGET_AVX512 void range_avx512(const CpuPlan<typename Cfg::C>& plan, int64_t c0,
                                       int64_t c1) {
-  run_range<Cfg>(plan, c0, c1);
+  run_range<Cfg, kScale>(plan, c0, c1);
 }
 #endif
 
-template <typename Cfg> RangeFn<Cfg> range_fn(Isa isa) {
+template <typename Cfg, int kScale> RangeFn<Cfg> range_fn(Isa isa) {
 #if ADAML_X86_VARIANTS
-  if (isa == Isa::kAvx512) return &range_avx512<Cfg>;
-  if (isa == Isa::kAvx2) return &range_avx2<Cfg>;
+  if (isa == Isa::kAvx512) return &range_avx512<Cfg, kScale>;
+  if (isa == Isa::kAvx2) return &range_avx2<Cfg, kScale>;
 #endif
   (void)isa;
-  return &range_default<Cfg>;
+  return &range_default<Cfg, kScale>;
 }
 
 // Chunks per task: a task moves at least ~230 KB, which outweighs waking a thread.
@@ -412,7 +413,8 @@ template <typename Cfg> void run_cpu(const CpuStep& a) {
   }
   if (a.table->num_chunks == 0) return;
 
-  const RangeFn<Cfg> fn = range_fn<Cfg>(active_isa());
+  const RangeFn<Cfg> fn = a.has_grad_scale ? range_fn<Cfg, kGradScale>(active_isa())
+                                           : range_fn<Cfg, kNoGradScale>(active_isa());
   const CpuPlan<C> plan{rows, a.table->chunk_tensor.const_data_ptr<int32_t>(), scalars.data(),
                         keys.data(), a.decay_mode, a.maximize, a.has_grad_scale};
   // ATen's parallel_for is OpenMP here (the extension is built with -fopenmp) and follows

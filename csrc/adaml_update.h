@@ -346,12 +346,19 @@ template <typename C> struct SwitchMasks {
         grad_scale(has_grad_scale ? ~M(0) : M(0)) {}
 };
 
+// How the grad scale is applied: compiled out, compiled in, or selected by SwitchMasks (the CPU
+// kernel compiles it in or out, which saves a division per element without a grad scale).
+enum GradScaleMode : int { kNoGradScale = 0, kGradScale = 1, kGradScaleByMask = 2 };
+
 // SPEC.md steps 3-5 and 7 for one element: p, m, w are updated in place, in the compute type C.
-template <typename C>
+template <typename C, int kScale = kGradScaleByMask>
 ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s,
                              const SwitchMasks<C>& on) {
   g = Bits<C>::to(Bits<C>::of(g) ^ on.sign);  // -g if maximize
-  g = select_bits(on.grad_scale, ieee_div(g, s.grad_scale), g);
+  if constexpr (kScale == kGradScale) g = ieee_div(g, s.grad_scale);
+  if constexpr (kScale == kGradScaleByMask) {
+    g = select_bits(on.grad_scale, ieee_div(g, s.grad_scale), g);
+  }
   g = select_bits(on.l2, g + s.weight_decay * p, g);
   p = select_bits(on.decoupled, p * s.decay, p);
   m = s.beta1 * m + s.one_minus_beta1 * g;
@@ -389,7 +396,7 @@ template <int PT_, int GT_, int MT_, bool kMaster_, bool kSR_> struct Config {
 // kMaster), `key` the tensor's tensor_key() and `i` the element's index in the whole parameter
 // (read only when rounding stochastically). Arrays and an index rather than references: GCC
 // vectorizes the CPU loop over them, and the CUDA kernel passes its registers' arrays.
-template <typename Cfg>
+template <typename Cfg, int kScale = kGradScaleByMask>
 ADAML_HD void step_element(typename Cfg::P* p, typename Cfg::C* master, typename Cfg::C g,
                            typename Cfg::M* m, typename Cfg::M* w, int64_t j, uint32_t key,
                            uint64_t i, const StepScalars<typename Cfg::C>& s,
@@ -403,7 +410,7 @@ ADAML_HD void step_element(typename Cfg::P* p, typename Cfg::C* master, typename
   }
   C mc = Param<Cfg::MT>::load(m[j]);
   C wc = Param<Cfg::MT>::load(w[j]);
-  update_element<C>(pc, g, mc, wc, s, on);
+  update_element<C, kScale>(pc, g, mc, wc, s, on);
   const uint32_t bits = sr ? element_bits(key, i) : 0u;
   if constexpr (Cfg::kMaster) master[j] = pc;
   p[j] = Param<Cfg::PT>::store(pc, bits, sr);
