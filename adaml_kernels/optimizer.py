@@ -230,6 +230,19 @@ class AdamL(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    @torch.no_grad()
+    def sync_master_weights(self) -> None:
+        """Set each master weight (master_weights=True) to its parameter's current value.
+
+        The master weight is the parameter's true value: a step writes the parameter from it.
+        Call this after changing fp16/bf16 parameters outside the optimizer (e.g.
+        model.load_state_dict without the optimizer's state), or the next step undoes it."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                x = self.state.get(p, {}).get(MASTER_KEY)
+                if x is not None:
+                    x.copy_(p.detach())
+
     @property
     def skipped_steps(self) -> int:
         """How many steps were skipped (non-finite loss or found_inf). Reading it syncs."""

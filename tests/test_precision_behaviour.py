@@ -287,3 +287,35 @@ def test_param_index_is_the_position_across_groups():
     a, b = run(3), run(1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], a[1])  # other indices, other bits
+
+
+def test_sync_master_weights_takes_parameters_changed_outside_the_optimizer():
+    p = torch.ones(8, dtype=BF16, requires_grad=True)
+    opt = AdamL([p], lr=1e-3, master_weights=True)
+    _train(opt, [p], [0], "cpu")
+    with torch.no_grad():
+        p.fill_(2.0)  # e.g. model.load_state_dict(...) without the optimizer's state
+    opt.sync_master_weights()
+    assert torch.all(opt.state[p]["master_param"] == 2.0)
+    _train(opt, [p], [1], "cpu")
+    assert torch.all((p - 2.0).abs() < 0.02)  # stepped from 2.0, not from the stale 1.0
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_the_options_and_continue_bitwise(how):
+    import copy
+    import pickle
+
+    params = [torch.randn(300).to(BF16).requires_grad_()]
+    opt = AdamL(params, lr=0.01, **MODES["everything"])
+    _train(opt, params, [0, 1], "cpu")
+    if how == "deepcopy":
+        params2, opt2 = copy.deepcopy((params, opt))
+    else:
+        params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    assert opt2.precision == opt.precision
+    _train(opt, params, [2], "cpu")
+    _train(opt2, params2, [2], "cpu")
+    assert torch.equal(params[0].view(torch.int16), params2[0].view(torch.int16))
+    assert torch.equal(opt.state[params[0]]["master_param"],
+                       opt2.state[params2[0]]["master_param"])
