@@ -1,12 +1,15 @@
 """Buckets: the tensors that one kernel launch updates, and the table the kernels read them from.
 
-A bucket holds parameters of one device and one dtype. The fused kernels do not take the
-tensors as arguments; they read a per-bucket table with one 64-byte row per tensor:
+A bucket holds parameters of one device and one dtype (and gradients of one dtype, moments of
+one dtype). The fused kernels do not take the tensors as arguments; they read a per-bucket table
+with one 80-byte row per tensor:
 
-    column  0: param address        4: step address (float32, 0-dim)
-            1: grad address         5: unused (0)
-            2: exp_avg address      6: numel
-            3: exp_avg_sq address   7: index of the tensor's first chunk
+    column  0: param address        5: master weight address (float32; 0: no master weights)
+            1: grad address         6: numel
+            2: exp_avg address      7: index of the tensor's first chunk
+            3: exp_avg_sq address   8: the parameter's index in the optimizer (stochastic rounding)
+            4: step address         9: index of the tensor's first element in the whole parameter
+               (float32, 0-dim)        (0 unless the tensor is a shard of a larger parameter)
 
 Work is split into chunks of CHUNK elements (at least one per tensor, so that every tensor has
 a row in the chunk map), one program (Triton), block (CUDA) or loop iteration (CPU) per chunk;
@@ -25,14 +28,19 @@ from dataclasses import dataclass
 import torch
 
 CHUNK = 2048
-TABLE_COLUMNS = 8
+TABLE_COLUMNS = 10
+MASTER_COLUMN = 5
+ADDRESS_COLUMNS = (0, 1, 2, 3, MASTER_COLUMN)  # 16-byte alignment matters for these
 # The CUDA and Triton kernels use 16-byte vector loads when every address is 16-byte aligned.
 VECTOR_BYTES = 16
 
 
-def moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """Moments are float32 whatever the parameter dtype, except float64 for float64 params."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+def moment_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The moments' dtype: `state_dtype` (float32 if None) whatever the parameter dtype, except
+    float64 for float64 params."""
+    if param_dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if state_dtype is None else state_dtype
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -55,7 +63,8 @@ class PointerTable:
     rows_host: torch.Tensor  # the same rows on the CPU, to check them against the tensors
     chunk_tensor: torch.Tensor  # int32 [num_chunks], on the bucket's device
     num_chunks: int
-    aligned: bool  # every param/grad/moment address is VECTOR_BYTES-aligned
+    aligned: bool  # every param/grad/moment/master address is VECTOR_BYTES-aligned
+    aligned_but_grads: bool = True  # the same, the grad column left out (it changes alone)
 
 
 class Bucket:
@@ -64,14 +73,27 @@ class Bucket:
     `steps` is a list of 0-dim float32 tensors. When they are consecutive elements of one buffer
     (as the optimizer lays them out), the step count is advanced with a single add on that
     buffer. f_1 is not part of a bucket: it is one value per optimizer, handed to each launch.
+
+    Low precision (README, "Low precision"): `master_params` are float32 master weights of
+    fp16/bf16 parameters (None: none); with `stochastic_rounding`, values stored as bf16 are
+    rounded with bits hashed from (`seed`, step count, `param_indices[i]`, element index, the
+    index counted from `element_offsets[i]`). Indices default to 0, 1, 2, ..., offsets to 0.
     """
 
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps):
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, master_params=None,
+                 param_indices=None, element_offsets=None, stochastic_rounding: bool = False,
+                 seed: int = 0):
         self.params = list(params)
         self.grads = list(grads)
         self.exp_avgs = list(exp_avgs)
         self.exp_avg_sqs = list(exp_avg_sqs)
         self.steps = list(steps)
+        self.master_params = None if master_params is None else list(master_params)
+        n = len(self.params)
+        self.param_indices = list(range(n)) if param_indices is None else list(param_indices)
+        self.element_offsets = [0] * n if element_offsets is None else list(element_offsets)
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.flat_steps = _as_one_buffer(self.steps)
@@ -85,13 +107,15 @@ class Bucket:
         self.grads = list(grads)
         if self._table is not None:
             rows_host = self._table.rows_host.clone()
-            rows_host[:, 1] = torch.tensor([g.data_ptr() for g in self.grads], dtype=torch.int64)
+            ptrs = [g.data_ptr() for g in self.grads]
+            rows_host[:, 1] = torch.tensor(ptrs, dtype=torch.int64)
             self._table = PointerTable(
                 rows=_to_device(rows_host, self.device),
                 rows_host=rows_host,
                 chunk_tensor=self._table.chunk_tensor,
                 num_chunks=self._table.num_chunks,
-                aligned=rows_aligned(rows_host),
+                aligned=self._table.aligned_but_grads and _all_aligned(ptrs, rows_host[:, 1]),
+                aligned_but_grads=self._table.aligned_but_grads,
             )
 
     def advance_steps(self, take: torch.Tensor) -> None:
@@ -104,7 +128,8 @@ class Bucket:
     def table(self) -> PointerTable:
         if self._table is None:
             self._table = build_table(
-                self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps
+                self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
+                self.master_params, self.param_indices, self.element_offsets,
             )
         return self._table
 
@@ -113,9 +138,11 @@ class Bucket:
 
         (params!, grads, exp_avgs!, exp_avg_sqs!, steps, initial_loss?, rows, rows_host,
          chunk_tensor, loss, take, lr_tensor?, grad_scale?, lr, beta1, beta2, eps, gamma, phi,
-         loss_offset, weight_decay, normalize_loss, decoupled_weight_decay, maximize)
+         loss_offset, weight_decay, normalize_loss, decoupled_weight_decay, maximize,
+         master_params!, stochastic_rounding, seed)
 
-        `inputs` (loss.StepInputs) are on the bucket's device; the launch only reads them.
+        `master_params` is [] without master weights; `seed` is the 64-bit seed as a signed
+        int64. `inputs` (loss.StepInputs) are on the bucket's device; the launch only reads them.
         """
         table = self.table()
         lr_tensor = None
@@ -129,7 +156,13 @@ class Bucket:
             0.0 if lr_tensor is not None else float(hp.lr), hp.beta1, hp.beta2, hp.eps,
             hp.gamma, hp.phi, hp.loss_offset, hp.weight_decay,
             hp.normalize_loss, hp.decoupled_weight_decay, hp.maximize,
+            self.master_params or [], self.stochastic_rounding, signed_seed(self.seed),
         )
+
+
+def signed_seed(seed: int) -> int:
+    """A seed in [0, 2**64) as the int64 with the same bits (the ops' `int` is int64)."""
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 def _as_one_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -155,17 +188,21 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def build_table(params, grads, exp_avgs, exp_avg_sqs, steps) -> PointerTable:
+def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params=None,
+                param_indices=None, element_offsets=None) -> PointerTable:
     """The pointer table of these tensors."""
     rows = []
     chunk_counts = []
     first_chunk = 0
     for i, p in enumerate(params):
         addresses = [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                     exp_avg_sqs[i].data_ptr()]
+                     exp_avg_sqs[i].data_ptr(), steps[i].data_ptr(),
+                     0 if master_params is None else master_params[i].data_ptr()]
         n = p.numel()
         chunks = max(1, -(-n // CHUNK))
-        rows.append(addresses + [steps[i].data_ptr(), 0, n, first_chunk])
+        index = i if param_indices is None else param_indices[i]
+        offset = 0 if element_offsets is None else element_offsets[i]
+        rows.append(addresses + [n, first_chunk, index, offset])
         chunk_counts.append(chunks)
         first_chunk += chunks
     rows_t = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
@@ -173,21 +210,35 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps) -> PointerTable:
         torch.arange(len(rows), dtype=torch.int32), torch.tensor(chunk_counts, dtype=torch.int64)
     )
     device = params[0].device if params else torch.device("cpu")
+    but_grads = rows_aligned(rows_t.index_fill(1, torch.tensor([1]), 0))
     return PointerTable(
         rows=_to_device(rows_t, device),
         rows_host=rows_t,
         chunk_tensor=_to_device(chunk_tensor, device),
         num_chunks=first_chunk,
-        aligned=rows_aligned(rows_t),
+        aligned=but_grads and bool((rows_t[:, 1] % VECTOR_BYTES == 0).all()),
+        aligned_but_grads=but_grads,
     )
 
 
+def _all_aligned(ptrs: list[int], column: torch.Tensor) -> bool:
+    """Whether every address is VECTOR_BYTES-aligned (in Python for a few, else in torch)."""
+    if len(ptrs) <= 256:
+        return all(p % VECTOR_BYTES == 0 for p in ptrs)
+    return bool((column % VECTOR_BYTES == 0).all())
+
+
 def rows_aligned(rows_host: torch.Tensor) -> bool:
-    """Whether every param, grad and moment address in the table is VECTOR_BYTES-aligned."""
-    return bool((rows_host[:, :4] % VECTOR_BYTES == 0).all())
+    """Whether every param, grad, moment and master address in the table is VECTOR_BYTES-aligned
+    (a missing master weight has address 0)."""
+    if rows_host.shape[0] == 0:
+        return True
+    worst = (rows_host[:, :MASTER_COLUMN + 1] % VECTOR_BYTES).amax(0).tolist()
+    return not any(worst[c] for c in ADDRESS_COLUMNS)
 
 
-def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps) -> bool:
+def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps,
+                  master_params=None) -> bool:
     """Whether `rows_host` points at exactly these tensors.
 
     A fused op is handed the cached table together with the tensors it updates. Under
@@ -196,9 +247,11 @@ def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs,
     """
     if rows_host.shape[0] != len(params):
         return False
+    masters = master_params or [None] * len(params)
     expected = rows_host[:, :7].tolist()
     return all(
-        row == [p.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(), s.data_ptr(), 0,
-                p.numel()]
-        for row, p, g, m, w, s in zip(expected, params, grads, exp_avgs, exp_avg_sqs, steps)
+        row == [p.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(), s.data_ptr(),
+                0 if x is None else x.data_ptr(), p.numel()]
+        for row, p, g, m, w, s, x in zip(expected, params, grads, exp_avgs, exp_avg_sqs, steps,
+                                         masters)
     )

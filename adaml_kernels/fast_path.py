@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 
 from . import _extension, loss as losses
-from .buckets import Bucket
+from .buckets import Bucket, signed_seed
 from .tensor_checks import is_dtensor
 
 FALLBACK = object()  # "take the general path"
 
-_PARAM_TYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# csrc/adaml_update.h's ScalarType codes
+_TYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _CHANGED = 2
 
 
@@ -61,9 +62,10 @@ class FastPath:
                     _, b, row = where[id(p)]
                     slots[i] = (b << 32) | row
                     planned.append(p)
+            grads = [p.grad for p in planned]
             tables = [bucket.table() for bucket, _ in plan.buckets]
             groups.append((params, len(params), torch.tensor(slots, dtype=torch.int64),
-                           _extension.C.layout_record(planned),
+                           _extension.C.layout_record(planned, grads),
                            [t.rows_host for t in tables], [t.rows for t in tables]))
         rows = [(b.table().rows.data_ptr(), len(b.params)) for _, b in launches]
         tables = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).to(device)
@@ -116,11 +118,13 @@ def _launch(bucket: Bucket, group: dict, loss, take, grad_scale, initial_loss) -
     lr = group["lr"]
     lr_tensor = lr.reshape(()) if isinstance(lr, torch.Tensor) else None
     beta1, beta2 = group["betas"]
+    types = (_TYPE_CODE[bucket.dtype], _TYPE_CODE[bucket.grads[0].dtype],
+             _TYPE_CODE[bucket.exp_avgs[0].dtype], int(bucket.master_params is not None))
     _extension.C.launch(
-        table.rows, table.rows_host, table.chunk_tensor, len(bucket.params),
-        _PARAM_TYPE[bucket.dtype], loss, take, lr_tensor, grad_scale,
-        initial_loss if group["normalize_loss"] else None,
+        table.rows, table.rows_host, table.chunk_tensor, len(bucket.params), types, loss, take,
+        lr_tensor, grad_scale, initial_loss if group["normalize_loss"] else None,
         0.0 if lr_tensor is not None else float(lr), beta1, beta2, group["eps"], group["gamma"],
         group["phi"], group["loss_offset"], group["weight_decay"], group["normalize_loss"],
-        group["decoupled_weight_decay"], group["maximize"],
+        group["decoupled_weight_decay"], group["maximize"], bucket.stochastic_rounding,
+        signed_seed(bucket.seed),
     )

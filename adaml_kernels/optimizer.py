@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from .buckets import moment_dtype
 from .fast_path import FALLBACK, FastPath
 from .hyperparams import DEFAULTS, Hyperparams, validate_group
 from .loss import StepInputs
+from .precision import MASTER_KEY, Precision
 from .tensor_checks import check_param
 
 
@@ -44,11 +46,18 @@ class AdamL(torch.optim.Optimizer):
             False: GradScaler unscales the gradients itself and skips steps with inf/NaN
             gradients before step() is called, as for any optimizer; for loops and frameworks
             that must see unscaled gradients themselves (e.g. to clip them).
+        stochastic_rounding: round what is stored as bf16 (bf16 parameters, bf16 moments)
+            stochastically, so that updates below half an ulp still move it on average.
+        master_weights: keep a float32 copy of each fp16/bf16 parameter (state key
+            "master_param"); the step updates the copy and writes the rounded parameter.
+        state_dtype: the moments' dtype, None (float32) or torch.bfloat16 (half the memory).
+        seed: the seed of stochastic rounding's random bits (saved with the state).
 
     State: per parameter, torch.optim.Adam's ``step``, ``exp_avg`` and ``exp_avg_sq`` (views of
-    flat per-bucket buffers; modify them in place or through load_state_dict) and
+    flat per-bucket buffers; modify them in place or through load_state_dict),
     ``initial_loss``: f_1, one float64 value for the whole optimizer (NaN until the first step
-    taken), the same tensor in every parameter's state.
+    taken), the same tensor in every parameter's state, and under master_weights
+    ``master_param`` (float32) for fp16/bf16 parameters.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
@@ -70,8 +79,13 @@ class AdamL(torch.optim.Optimizer):
         *,
         loss_group="world",
         amp_scaling: bool = True,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ):
         backends.check_name(backend)
+        precision = Precision(stochastic_rounding, master_weights, state_dtype, seed)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -89,6 +103,7 @@ class AdamL(torch.optim.Optimizer):
             raise ValueError(f"Invalid amp_scaling: {amp_scaling!r} (must be a bool)")
         self.backend = backend
         self.loss_group = loss_group
+        self.precision = precision
         self._step_supports_amp_scaling = amp_scaling  # read by torch.amp.GradScaler
         self._reset_runtime()
         self._skipped: torch.Tensor | None = None
@@ -135,6 +150,7 @@ class AdamL(torch.optim.Optimizer):
         self.__dict__.setdefault("_skipped", None)
         self.__dict__.setdefault("_initial_loss", None)
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
+        self.__dict__.setdefault("precision", Precision())
         self._reset_runtime()
         self._invalidate()
 
@@ -146,6 +162,7 @@ class AdamL(torch.optim.Optimizer):
             "backend": self.backend,
             "loss_group": self.loss_group,
             "_step_supports_amp_scaling": self._step_supports_amp_scaling,
+            "precision": self.precision,
             "_skipped": self._skipped,
             "_initial_loss": self._initial_loss,
         }
@@ -161,10 +178,13 @@ class AdamL(torch.optim.Optimizer):
         """As torch.optim.Adam's, with each state tensor copied out of the flat buffers."""
         sd = super().state_dict()
         sd["state"] = {k: _copy_out(v) for k, v in sd["state"].items()}
+        if self.precision.stochastic_rounding:
+            sd["adaml"] = {"seed": self.precision.seed}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load an AdamL or torch.optim.Adam state dict. Moments keep AdamL's dtype (float32).
+        """Load an AdamL or torch.optim.Adam state dict. Moments take AdamL's dtype (float32, or
+        state_dtype), master weights float32; a saved seed replaces this optimizer's.
 
         torch.optim's loader would cast the state to the parameters' dtype (rounding moments of
         bf16 parameters), so AdamL converts the state itself and runs the hooks around that,
@@ -190,7 +210,8 @@ class AdamL(torch.optim.Optimizer):
         imported = {}
         for key, st in state_dict["state"].items():
             if key in id_map:
-                imported[id_map[key]] = _import_param_state(id_map[key], st)
+                imported[id_map[key]] = _import_param_state(
+                    id_map[key], st, self.precision.state_dtype)
             else:  # torch.optim keeps state that belongs to no parameter as it is
                 imported[key] = st
         device = self._home_device()
@@ -198,9 +219,12 @@ class AdamL(torch.optim.Optimizer):
             "initial_loss": _first_value(imported.values(), "initial_loss", device),
             # (checkpoints before the count moved into the state kept it beside it)
             "skipped_steps": _first_value(imported.values(), "skipped_steps", device)
-            if "adaml" not in state_dict else
+            if "skipped_steps" not in state_dict.get("adaml", {}) else
             state_dict["adaml"]["skipped_steps"].to(device, torch.float64, copy=True),
         }
+        seed = state_dict.get("adaml", {}).get("seed")
+        if seed is not None:
+            self.precision = dataclasses.replace(self.precision, seed=int(seed))
         with _hooks_held(self):
             super().load_state_dict({**state_dict, "state": {}})
         self.state.update(imported)
@@ -211,6 +235,19 @@ class AdamL(torch.optim.Optimizer):
         self._invalidate()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    @torch.no_grad()
+    def sync_master_weights(self) -> None:
+        """Set each master weight (master_weights=True) to its parameter's current value.
+
+        The master weight is the parameter's true value: a step writes the parameter from it.
+        Call this after changing fp16/bf16 parameters outside the optimizer (e.g.
+        model.load_state_dict without the optimizer's state), or the next step undoes it."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                x = self.state.get(p, {}).get(MASTER_KEY)
+                if x is not None:
+                    x.copy_(p.detach())
 
     @property
     def skipped_steps(self) -> int:
@@ -336,7 +373,8 @@ class AdamL(torch.optim.Optimizer):
             if change == "grads" and not plan.new_grads_fit(grads, self.backend):
                 change = "all"
             if change == "all":
-                names = planning.check_group(params, grads, self.state, self.backend)
+                names = planning.check_group(params, grads, self.state, self.backend,
+                                             self.precision)
                 changes[gi] = (change, params, grads, names)
             elif change == "grads":
                 changes[gi] = (change, params, grads, None)
@@ -349,7 +387,7 @@ class AdamL(torch.optim.Optimizer):
             else:
                 self._plans[gi] = planning.make_group_plan(
                     params, grads, names, self.state, self.param_groups[gi]["params"],
-                    self._packed, gi)
+                    self._packed, gi, self.precision, self._param_indices())
                 for p in params:
                     self._share_scalars(self.state[p])
         self._planned_state_version = self.state.version
@@ -366,6 +404,12 @@ class AdamL(torch.optim.Optimizer):
         losses.record_initial_loss(self._initial_loss, loss_t, take)
         self._taken = take
         return StepInputs(loss_t, take, grad_scale, self._initial_loss)
+
+    def _param_indices(self) -> dict[int, int]:
+        """id(p) -> the parameter's index in the optimizer: its position across all param groups
+        (the key of its entry in state_dict()["state"]), stochastic rounding's j."""
+        return {id(p): i for i, p in enumerate(chain.from_iterable(
+            g["params"] for g in self.param_groups))}
 
     def _active(self, gi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params = [p for p in self.param_groups[gi]["params"] if p.grad is not None]
@@ -473,19 +517,20 @@ def _copy_out(value):
     return value
 
 
-def _import_param_state(p: torch.Tensor, saved) -> dict:
+def _import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
     """A saved per-parameter state (AdamL's or torch.optim.Adam's) on p's device, AdamL dtypes."""
     if not isinstance(saved, dict):
         return saved
-    mdt = moment_dtype(p.dtype)
+    mdt = moment_dtype(p.dtype, state_dtype)
     out = {}
     for key, value in saved.items():
-        if key in ("exp_avg", "exp_avg_sq"):
+        if key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
             if value.shape != p.shape:
                 raise ValueError(
                     f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
                 )
-            value = value.to(device=p.device, dtype=mdt, copy=True)
+            dtype = torch.float32 if key == MASTER_KEY else mdt
+            value = value.to(device=p.device, dtype=dtype, copy=True)
         elif key == "step":
             value = torch.as_tensor(value, dtype=torch.float32).to(p.device, copy=True)
         elif key in ("initial_loss", "skipped_steps"):

@@ -11,6 +11,7 @@ now. Everything a plan change needs is checked before anything is changed.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from . import backends
 from .buckets import Bucket, is_dense, moment_dtype
 from .hyperparams import Hyperparams
 from .loss import StepInputs
+from .precision import MASTER_KEY, Precision
 from .tensor_checks import (
     check_grad, check_kernel_layout, check_param, is_dtensor, local, same_layout,
 )
@@ -30,6 +32,7 @@ ALIGN_BYTES = 64
 # the two streams would then map to the same cache sets (4K aliasing), which made the CPU step
 # 25-35% slower at 64M parameters.
 ROW_GAP_BYTES = 4096 + 64
+DEFAULT_PRECISION = Precision()
 
 
 def param_key(p: torch.Tensor) -> tuple:
@@ -48,6 +51,7 @@ class GroupPlan:
     grad_ptrs: list[int] | None  # None once the fast path has repointed the tables
     buckets: list[tuple[Bucket, str]]  # with the backend that runs each
     members: list[list[int]]  # per bucket, its parameters' indices in `params`
+    grad_dtypes: list[torch.dtype] | None = None  # a bucket holds gradients of one dtype
 
     def change(self, params, grads) -> str | None:
         """None if the plan holds for these tensors, "grads" if only gradients moved, else "all"."""
@@ -59,6 +63,11 @@ class GroupPlan:
             return "grads"
         try:
             if all(map(operator.eq, (local(g).data_ptr() for g in grads), self.grad_ptrs)):
+                # a bucket reads gradients of one dtype: one of another dtype at the same
+                # address (p.grad_dtype changed) needs a new plan (new_grads_fit checks moved ones)
+                if self.grad_dtypes is not None and any(
+                        map(operator.is_not, (g.dtype for g in grads), self.grad_dtypes)):
+                    return "all"
                 return None
         except RuntimeError:  # e.g. a sparse gradient has no data pointer: revalidate
             return "all"
@@ -66,13 +75,17 @@ class GroupPlan:
 
     def new_grads_fit(self, grads, requested: str) -> bool:
         """Check new gradients for the plan's parameters; False if they need a new plan (a
-        gradient laid out unlike its parameter, under backend="auto"). Raises if unusable."""
+        gradient laid out unlike its parameter, under backend="auto", or of another dtype than
+        its bucket's). Raises if unusable."""
         for (bucket, name), idx in zip(self.buckets, self.members):
             fused = backends.is_fused(name)
+            dtype = bucket.grads[0].dtype
             for p, i in zip(bucket.params, idx):  # p: the local tensor
                 g = grads[i]
                 check_grad(self.params[i], g)
                 g = local(g)
+                if g.dtype is not dtype:
+                    return False
                 if fused and g.stride() != p.stride() and not same_layout(p, g):
                     if requested == "auto":
                         return False
@@ -88,21 +101,32 @@ class GroupPlan:
     def describe(self) -> list[dict]:
         return [
             dict(backend=name, device=str(b.device), dtype=str(b.dtype).removeprefix("torch."),
-                 tensors=len(b.params), numel=sum(p.numel() for p in b.params))
+                 tensors=len(b.params), numel=sum(p.numel() for p in b.params),
+                 grad_dtype=str(b.grads[0].dtype).removeprefix("torch."),
+                 state_dtype=str(b.exp_avgs[0].dtype).removeprefix("torch."),
+                 master_weights=b.master_params is not None,
+                 stochastic_rounding=b.stochastic_rounding)
             for b, name in self.buckets
         ]
 
 
-def check_group(params, grads, state, requested: str) -> list[str]:
+def check_group(params, grads, state, requested: str,
+                low: Precision = DEFAULT_PRECISION) -> list[str]:
     """Check a group's parameters, gradients and existing state; return each one's backend."""
     names = []
     for p, g in zip(params, grads):
         check_param(p)
         check_grad(p, g)
+        if low.stochastic_rounding and element_offset(p) is None:
+            raise ValueError(
+                f"stochastic rounding needs each rank's shard to be a contiguous block of the "
+                f"whole parameter (e.g. Shard(0)); a DTensor with placements {p.placements} "
+                "would round its elements by their positions in the shard, unlike one process"
+            )
         st = state.get(p)
         if st and "exp_avg" in st:
-            for key in ("exp_avg", "exp_avg_sq"):
-                if st[key].shape != p.shape:
+            for key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
+                if key in st and st[key].shape != p.shape:
                     raise ValueError(
                         f"a parameter of shape {tuple(p.shape)} has state {key!r} of shape "
                         f"{tuple(st[key].shape)}: it was changed in place (p.data = ...) to "
@@ -116,28 +140,54 @@ def check_group(params, grads, state, requested: str) -> list[str]:
     return names
 
 
-def make_group_plan(params, grads, names, state, group_params, packed: dict, gi: int) -> GroupPlan:
-    """The plan of group `gi` (checked by check_group). Lays out state where it does not fit."""
+def make_group_plan(params, grads, names, state, group_params, packed: dict, gi: int,
+                    low: Precision = DEFAULT_PRECISION, index_of: dict | None = None) -> GroupPlan:
+    """The plan of group `gi` (checked by check_group). Lays out state where it does not fit.
+
+    `low` holds the low-precision options; `index_of` maps id(p) to the parameter's index in the
+    optimizer (stochastic rounding's j; default: its position in `params`).
+    """
     by_bucket: dict[tuple, list[int]] = {}
-    for i, (p, name) in enumerate(zip(params, names)):
-        by_bucket.setdefault((p.device, p.dtype, name), []).append(i)
-    for device, dtype in {(d, t) for d, t, _ in by_bucket}:
+    for i, (p, g, name) in enumerate(zip(params, grads, names)):
+        by_bucket.setdefault((p.device, p.dtype, g.dtype, name), []).append(i)
+    for device, dtype in {(d, t) for d, t, _, _ in by_bucket}:
         active = [p for p in params if p.device == device and p.dtype == dtype]
-        pack_state(state, group_params, packed, (gi, device, dtype), active)
+        pack_state(state, group_params, packed, (gi, device, dtype), active, low)
     buckets, members = [], []
-    for (_, _, name), idx in by_bucket.items():
+    for (_, dtype, _, name), idx in by_bucket.items():
         views = [state[params[i]] for i in idx]
         bucket = Bucket(
             [local(params[i]) for i in idx],
             [local(grads[i]) for i in idx],
             *([local(st[key]) for st in views] for key in ("exp_avg", "exp_avg_sq", "step")),
+            master_params=[local(st[MASTER_KEY]) for st in views]
+            if low.has_master(dtype) else None,
+            param_indices=idx if index_of is None else [index_of[id(params[i])] for i in idx],
+            # (None, a shard that is no contiguous block: refused under stochastic rounding,
+            # unused without it)
+            element_offsets=[element_offset(params[i]) or 0 for i in idx],
+            stochastic_rounding=low.stochastic_rounding,
+            seed=low.seed,
         )
         buckets.append((bucket, name))
         members.append(idx)
     return GroupPlan(
         list(params), [param_key(p) for p in params], [local(g).data_ptr() for g in grads],
-        buckets, members,
+        buckets, members, [g.dtype for g in grads],
     )
+
+
+def element_offset(p: torch.Tensor) -> int | None:
+    """The index, in the whole parameter, of the first element of the shard the kernels update
+    (0 for a plain tensor); None if the shard is not one contiguous block of the whole."""
+    if not is_dtensor(p):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(shape[1:]) != tuple(p.shape[1:]) or not p.is_contiguous():
+        return None if math.prod(shape) else 0
+    return offset[0] * math.prod(p.shape[1:]) if len(shape) else 0
 
 
 def run(buckets, hp: Hyperparams, inputs: StepInputs, on_device: dict) -> None:
@@ -156,25 +206,32 @@ def run(buckets, hp: Hyperparams, inputs: StepInputs, on_device: dict) -> None:
 
 # ------------------------------------------------------------------------------ flat state
 
-def moment_stride(p: torch.Tensor) -> tuple:  # p: a plain (or local) tensor
+def moment_stride(p: torch.Tensor) -> tuple:
     """Moments have the parameter's strides, so that element i in memory belongs to the same
     logical element in all of them (channels_last weights, transposed views); a parameter that
     is not dense gets contiguous moments."""
     return p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
 
 
-def state_fits(p: torch.Tensor, st: dict | None) -> bool:
-    """Whether p's moments exist and are laid out for p as it is now."""
+def state_fits(p: torch.Tensor, st: dict | None, low: Precision = DEFAULT_PRECISION) -> bool:
+    """Whether p's moments (and master weight, if it needs one) exist and are laid out for p as
+    it is now."""
     if not st or "exp_avg" not in st:
         return False
     m = st["exp_avg"]
     if is_dtensor(p) != is_dtensor(m) or (is_dtensor(p) and not _same_spec(p, m)):
         return False
     p, m = local(p), local(m)
-    return (
-        m.device == p.device and m.dtype == moment_dtype(p.dtype) and m.shape == p.shape
-        and m.stride() == moment_stride(p)
+    fits = (
+        m.device == p.device and m.dtype == moment_dtype(p.dtype, low.state_dtype)
+        and m.shape == p.shape and m.stride() == moment_stride(p)
     )
+    if not low.has_master(p.dtype):
+        return fits and MASTER_KEY not in st
+    x = st.get(MASTER_KEY)
+    x = None if x is None else local(x)
+    return fits and x is not None and x.device == p.device and x.dtype == torch.float32 and (
+        x.shape == p.shape and x.stride() == moment_stride(p))
 
 
 def _same_spec(a, b) -> bool:
@@ -182,11 +239,12 @@ def _same_spec(a, b) -> bool:
             and a.shape == b.shape)
 
 
-def pack_state(state, group_params, packed: dict, key: tuple, active: list) -> None:
+def pack_state(state, group_params, packed: dict, key: tuple, active: list,
+               low: Precision = DEFAULT_PRECISION) -> None:
     """Lay out the state of (group, device, dtype) in flat buffers, unless it already is with
     every parameter of `active` among its members and laid out as that parameter is now."""
     if key in packed and all(
-        id(p) in packed[key] and state_fits(p, state.get(p)) for p in active
+        id(p) in packed[key] and state_fits(p, state.get(p), low) for p in active
     ):
         return
     _, device, dtype = key
@@ -196,29 +254,39 @@ def pack_state(state, group_params, packed: dict, key: tuple, active: list) -> N
         if p.device == device and p.dtype == dtype
         and (id(p) in active_ids or "exp_avg" in state.get(p, {}))
     ]
-    pack(members, state)
+    pack(members, state, low)
     packed[key] = {id(p) for p in members}
 
 
-def pack(members: list[torch.Tensor], state) -> None:
-    """Lay the state of `members` out in flat buffers and make their state entries views of them.
-
-    Existing values (from earlier steps, an earlier layout or a loaded checkpoint) are copied
-    in element by element of the logical shape; new parameters start with zero moments and
-    step 0.
-    """
-    device, dtype = members[0].device, members[0].dtype
-    mdt = moment_dtype(dtype)
-    element = torch.empty((), dtype=mdt).element_size()
-    align = ALIGN_BYTES // element
+def _offsets(members, dtype: torch.dtype) -> tuple[list[int], int]:
+    """Each member's offset in a flat buffer of `dtype` (64-byte aligned), and the total."""
+    align = ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
     offsets, total = [], 0
     for p in members:
         offsets.append(total)
         total += -(-local(p).numel() // align) * align
+    return offsets, total
+
+
+def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION) -> None:
+    """Lay the state of `members` out in flat buffers and make their state entries views of them.
+
+    Existing values (from earlier steps, an earlier layout or a loaded checkpoint) are copied
+    in element by element of the logical shape; new parameters start with zero moments and
+    step 0, and a new master weight (fp16/bf16 parameters under master_weights) with the
+    parameter's value. A master weight that is no longer needed is dropped.
+    """
+    device, dtype = members[0].device, members[0].dtype
+    mdt = moment_dtype(dtype, low.state_dtype)
+    offsets, total = _offsets(members, mdt)
     # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
-    second_row = total + ROW_GAP_BYTES // element
+    second_row = total + ROW_GAP_BYTES // torch.empty((), dtype=mdt).element_size()
     buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
     steps = torch.zeros(len(members), dtype=torch.float32, device=device)
+    master = None
+    if low.has_master(dtype):  # float32 master weights: a buffer of their own
+        master_offsets, master_total = _offsets(members, torch.float32)
+        master = torch.empty(master_total, dtype=torch.float32, device=device)
     for i, (p, off) in enumerate(zip(members, offsets)):
         st = state[p]
         shard = local(p)
@@ -228,6 +296,12 @@ def pack(members: list[torch.Tensor], state) -> None:
             "exp_avg": buffer.as_strided(shard.shape, stride, off),
             "exp_avg_sq": buffer.as_strided(shard.shape, stride, second_row + off),
         }
+        if master is not None:
+            views[MASTER_KEY] = master.as_strided(shard.shape, stride, master_offsets[i])
+            if MASTER_KEY not in st:
+                views[MASTER_KEY].copy_(shard.detach())
+        else:
+            st.pop(MASTER_KEY, None)
         for name, view in views.items():
             if name in st:
                 view.copy_(_local_part(st[name], p) if name != "step" else st[name])
@@ -235,7 +309,7 @@ def pack(members: list[torch.Tensor], state) -> None:
 
 
 def _like_param(view: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A moment of p: for a DTensor parameter, a DTensor with p's mesh, placements, global
+    """A state tensor of p: for a DTensor parameter, a DTensor with p's mesh, placements, global
     shape and stride whose local tensor is `view` (so that DCP can reshard it)."""
     if not is_dtensor(p):
         return view
@@ -244,14 +318,14 @@ def _like_param(view: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def _local_part(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The part of a saved moment that p's local shard holds."""
+    """The part of a saved state tensor that p's local shard holds."""
     if not is_dtensor(p):
         return local(value) if not is_dtensor(value) else value.full_tensor()
     if is_dtensor(value):
         if value.placements != p.placements or value.device_mesh != p.device_mesh:
             value = value.redistribute(p.device_mesh, p.placements)
         return local(value)
-    # A whole (unsharded) moment, e.g. from a one-process checkpoint: slice out this shard.
+    # A whole (unsharded) tensor, e.g. from a one-process checkpoint: slice out this shard.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)

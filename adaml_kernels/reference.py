@@ -4,14 +4,17 @@ It runs on any device and dtype and is the oracle the fused backends are tested 
 per-step scalars (the scaled loss l, the bias corrections) are computed in float64; the
 element-wise update in the compute dtype (float32, or float64 for float64 parameters), and the
 new parameter is rounded once on store. A skipped step is masked with torch.where, so the loss
-is never read on the host.
+is never read on the host. Low precision (precision.py): the update reads the float32 master
+weight instead of the parameter where there is one, and values stored as bf16 are rounded
+stochastically when the bucket asks for it, with the fused kernels' random bits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .buckets import Bucket, moment_dtype
+from . import precision
+from .buckets import Bucket
 from .hyperparams import Hyperparams
 from .loss import L_MIN, StepInputs, move
 
@@ -24,15 +27,22 @@ def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
     lr = hp.lr
     if isinstance(lr, torch.Tensor):  # any one-element shape acts as a scalar, never broadcasts
         lr = move(lr.reshape(()), bucket.device)
+    masters = bucket.master_params or [None] * len(bucket.params)
     for i, p in enumerate(bucket.params):
+        bits = None
+        if bucket.stochastic_rounding and torch.bfloat16 in (p.dtype, bucket.exp_avgs[i].dtype):
+            key = precision.tensor_key(bucket.seed, bucket.steps[i], bucket.param_indices[i])
+            index = precision.element_index(p, bucket.element_offsets[i])
+            bits = precision.element_bits(key, index)
         _update(
             p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], bucket.steps[i], f1,
-            hp, lr, loss, taken, inputs.grad_scale,
+            hp, lr, loss, taken, inputs.grad_scale, masters[i], bits,
         )
 
 
-def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale) -> None:
-    compute = moment_dtype(p.dtype)
+def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, master,
+            bits) -> None:
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
     big = torch.finfo(compute).max
 
     # 1. scaled loss (f_1 is recorded once per optimizer, before the buckets run)
@@ -44,7 +54,7 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale) 
 
     # 3. gradient transforms and weight decay
     g = g.to(compute)
-    param = p.to(compute)
+    param = p.to(compute) if master is None else master
     if hp.maximize:
         g = -g
     if grad_scale is not None:
@@ -57,7 +67,7 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale) 
 
     # 4-5. moments
     b1, b2 = hp.beta1, hp.beta2
-    m_new = b1 * m + (1 - b1) * g
+    m_new = b1 * m.to(compute) + (1 - b1) * g
     # Finite inputs never give NaN: w saturates at the largest finite value (SPEC.md,
     # Precision), and a coefficient beyond the compute dtype is applied as (g * sqrt(coef))^2.
     coef = (1 - b2) / (hp.gamma * l**hp.phi)  # float64, may be inf
@@ -65,7 +75,8 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale) 
     root = torch.clamp(coef.sqrt(), max=big).to(compute)
     capped = torch.clamp(coef, max=big).to(compute) * (g * g).clamp(max=big)
     term = torch.where(split, (g * root) * (g * root), capped)
-    w_new = (b2 * w + term + torch.clamp(hp.eps * l, max=big).to(compute)).clamp(max=big)
+    w_new = (b2 * w.to(compute) + term + torch.clamp(hp.eps * l, max=big).to(compute)).clamp(
+        max=big)
 
     # 6-7. bias correction and parameter update
     m_hat = m_new / (1 - b1**k)
@@ -73,6 +84,11 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale) 
     quotient = torch.where(w_hat == 0, 0.0, m_hat / w_hat.sqrt())
     param = param - lr * quotient
 
-    p.copy_(torch.where(taken, param.to(p.dtype), p))
-    m.copy_(torch.where(taken, m_new, m))
-    w.copy_(torch.where(taken, w_new, w))
+    # Each array rounded once on store (stochastically with `bits` where it is bf16).
+    w_bits = None if bits is None else precision.exp_avg_sq_bits(bits)
+    m_bits = None if bits is None else bits >> 16
+    p.copy_(torch.where(taken, precision.store(param, p.dtype, bits), p))
+    if master is not None:
+        master.copy_(torch.where(taken, param, master))
+    m.copy_(torch.where(taken, precision.store_moment(m_new, m.dtype, m_bits), m))
+    w.copy_(torch.where(taken, precision.store_moment(w_new, w.dtype, w_bits), w))

@@ -41,6 +41,13 @@ def check_param(p: torch.Tensor, what: str = "parameter") -> None:
         raise ValueError(f"AdamL does not support {p.layout} {what}s")
 
 
+def grad_dtype_ok(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """A gradient has its parameter's dtype, or float32 for a float16/bfloat16 parameter
+    ("main grads": every backend reads them, README "Low precision")."""
+    return g.dtype == p.dtype or (
+        g.dtype == torch.float32 and p.dtype in (torch.float16, torch.bfloat16))
+
+
 def check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
     if is_dtensor(p) or is_dtensor(g):
         if not (is_dtensor(p) and is_dtensor(g) and g.placements == p.placements
@@ -53,10 +60,13 @@ def check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p, g = local(p), local(g)
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError("AdamL does not support sparse gradients; use a dense gradient")
-    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+    if g.shape != p.shape or g.device != p.device or (
+            g.dtype is not p.dtype and not grad_dtype_ok(p, g)):
         raise ValueError(
             f"gradient does not match its parameter: grad {tuple(g.shape)} {g.dtype} on "
-            f"{g.device}, param {tuple(p.shape)} {p.dtype} on {p.device}"
+            f"{g.device}, param {tuple(p.shape)} {p.dtype} on {p.device} (a gradient must have "
+            "its parameter's shape, device and dtype, or be float32 for a float16/bfloat16 "
+            "parameter)"
         )
 
 

@@ -34,6 +34,12 @@ NO_DECAY = tl.constexpr(0)
 L2_DECAY = tl.constexpr(1)
 DECOUPLED_DECAY = tl.constexpr(2)
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+BFLOAT16_MAX = tl.constexpr(3.3895313892515355e38)  # largest finite bf16 (0x7F7F)
+# Stochastic rounding's hash (csrc/adaml_update.h, "random bits"): constants as uint32 values.
+MIX_1 = tl.constexpr(0x21F0AAAD)
+MIX_2 = tl.constexpr(0x735A2D97)
+SEED_SALT = tl.constexpr(0x9E3779B9)
+SQ_STREAM = tl.constexpr(0x6A09E667)
 
 
 @triton.jit
@@ -51,17 +57,51 @@ def _round_to(x, PARAM: tl.constexpr):
 
 
 @triton.jit
+def _mix32(x):
+    """The 32-bit mixer of csrc/adaml_update.h (mix32), on uint32."""
+    x = x ^ (x >> 16)
+    x = x * MIX_1
+    x = x ^ (x >> 15)
+    x = x * MIX_2
+    x = x ^ (x >> 15)
+    return x
+
+
+@triton.jit
+def _store_as(x, bits, DTYPE: tl.constexpr, SR: tl.constexpr):
+    """float32 -> DTYPE, rounded once: stochastically with the low 16 bits of `bits` when SR and
+    DTYPE is bf16 (adaml_update.h: float_to_bf16_stochastic), else to nearest even."""
+    if SR and DTYPE == tl.bfloat16:
+        rounded = (x.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return _round_to(x, DTYPE)
+
+
+@triton.jit
+def _store_moment(x, bits, MOMENT: tl.constexpr, SR: tl.constexpr):
+    """A moment stored as MOMENT; bf16 moments saturate at bf16's largest finite value."""
+    if MOMENT == tl.bfloat16:
+        x = tl.where(x > BFLOAT16_MAX, BFLOAT16_MAX, tl.where(x < -BFLOAT16_MAX, -BFLOAT16_MAX, x))
+    return _store_as(x, bits, MOMENT, SR)
+
+
+@triton.jit
 def _update_chunk(
-    p_ptr, g_ptr, m_ptr, w_ptr, offs, mask, grad_scale,
+    p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, mask, grad_scale,
     beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-    weight_decay, decay,
-    PARAM: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    DECAY_MODE: tl.constexpr,
+    weight_decay, decay, key, index_base,
+    PARAM: tl.constexpr, MOMENT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
 ):
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask)
-    w = tl.load(w_ptr + offs, mask=mask)
+    if MASTER:
+        p = tl.load(x_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     if MAXIMIZE:
         g = -g
     if HAS_GRAD_SCALE:
@@ -84,17 +124,28 @@ def _update_chunk(
     nonzero = w != 0.0
     quotient = tl.where(nonzero, tl.div_rn(m, tl.sqrt_rn(tl.where(nonzero, w, 1.0))), 0.0)
     p = p - step_size * quotient
-    tl.store(p_ptr + offs, _round_to(p, PARAM), mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(w_ptr + offs, w, mask=mask)
+    bits = tl.zeros_like(offs).to(tl.uint32)
+    if SR:
+        # adaml_update.h element_bits(): i is the element's index in the whole parameter.
+        i = index_base + offs
+        bits = _mix32(_mix32(key ^ i.to(tl.uint32)) ^ (i >> 32).to(tl.uint32))
+    if MASTER:
+        tl.store(x_ptr + offs, p, mask=mask)
+    tl.store(p_ptr + offs, _store_as(p, bits, PARAM, SR), mask=mask)
+    tl.store(m_ptr + offs, _store_moment(m, bits >> 16, MOMENT, SR), mask=mask)
+    w_bits = bits
+    if SR:
+        w_bits = _mix32(bits ^ SQ_STREAM)
+    tl.store(w_ptr + offs, _store_moment(w, w_bits, MOMENT, SR), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def adaml_kernel(
     rows_ptr, chunk_tensor_ptr, loss_ptr, take_ptr, lr_ptr, grad_scale_ptr, initial_loss_ptr,
     lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2,
-    eps, gamma, phi_hi, phi_lo, loss_offset_hi, loss_offset_lo, weight_decay,
-    PARAM: tl.constexpr, NORMALIZE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    eps, gamma, phi_hi, phi_lo, loss_offset_hi, loss_offset_lo, weight_decay, seed_lo, seed_hi,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, MOMENT: tl.constexpr, MASTER: tl.constexpr,
+    SR: tl.constexpr, NORMALIZE: tl.constexpr, MAXIMIZE: tl.constexpr,
     DECAY_MODE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     ALIGNED: tl.constexpr, CHUNK: tl.constexpr, COLUMNS: tl.constexpr, L_MIN: tl.constexpr,
 ):
@@ -118,18 +169,21 @@ def adaml_kernel(
     m_addr = tl.load(row + 2)
     w_addr = tl.load(row + 3)
     step_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    x_addr = tl.load(row + 5)  # master weight (MASTER only)
     numel = tl.load(row + 6)
     start = (chunk - tl.load(row + 7)) * CHUNK  # int64: the row is int64
     p_ptr = p_addr.to(tl.pointer_type(PARAM))
-    g_ptr = g_addr.to(tl.pointer_type(PARAM))
-    m_ptr = m_addr.to(tl.pointer_type(tl.float32))
-    w_ptr = w_addr.to(tl.pointer_type(tl.float32))
+    g_ptr = g_addr.to(tl.pointer_type(GRAD))
+    m_ptr = m_addr.to(tl.pointer_type(MOMENT))
+    w_ptr = w_addr.to(tl.pointer_type(MOMENT))
+    x_ptr = x_addr.to(tl.pointer_type(tl.float32))
     if ALIGNED:
         # Lets the compiler use 16-byte vector loads and stores.
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         w_ptr = tl.multiple_of(w_ptr, 16)
+        x_ptr = tl.multiple_of(x_ptr, 16)
 
     # A skipped step is a step over zero elements: nothing is read or written.
     take = tl.load(take_ptr) != 0.0
@@ -146,7 +200,8 @@ def adaml_kernel(
         l = tl.maximum(loss - loss_offset, L_MIN)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
-    k = tl.maximum(tl.load(step_ptr).to(tl.float64), 1.0)  # 0 only on a skipped first step
+    k_stored = tl.load(step_ptr)
+    k = tl.maximum(k_stored.to(tl.float64), 1.0)  # 0 only on a skipped first step
     bias1 = 1.0 - tl.exp(k * log_beta1)  # 1 - beta1^k; log_beta1 = -inf when beta1 = 0
     bias2 = 1.0 - tl.exp(k * log_beta2)
     coef = one_minus_beta2 / (gamma * tl.exp(phi * tl.log(l)))  # may be inf
@@ -160,20 +215,30 @@ def adaml_kernel(
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    # Stochastic rounding's per-tensor key (adaml_update.h tensor_key()).
+    key = tl.zeros((), tl.uint32)
+    index_base = tl.load(row + 9)  # the whole parameter's index of element 0 of this tensor
+    if SR:
+        key = _mix32(seed_lo.to(tl.uint32, bitcast=True) ^ SEED_SALT)
+        key = _mix32(key ^ seed_hi.to(tl.uint32, bitcast=True))
+        key = _mix32(key ^ k_stored.to(tl.uint32))
+        key = _mix32(key ^ tl.load(row + 8).to(tl.uint32))
 
     offs = start + tl.arange(0, CHUNK)
     if start + CHUNK <= numel:
         # Full chunk: no mask, so aligned data is moved with 16-byte vector accesses.
         _update_chunk(
-            p_ptr, g_ptr, m_ptr, w_ptr, offs, None, grad_scale,
+            p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, None, grad_scale,
             beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-            weight_decay, decay, PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+            weight_decay, decay, key, index_base, PARAM, MOMENT, MASTER, SR, MAXIMIZE,
+            HAS_GRAD_SCALE, DECAY_MODE,
         )
     else:
         _update_chunk(
-            p_ptr, g_ptr, m_ptr, w_ptr, offs, offs < numel, grad_scale,
+            p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, offs < numel, grad_scale,
             beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-            weight_decay, decay, PARAM, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+            weight_decay, decay, key, index_base, PARAM, MOMENT, MASTER, SR, MAXIMIZE,
+            HAS_GRAD_SCALE, DECAY_MODE,
         )
 
 
@@ -194,7 +259,7 @@ def _log(beta: float) -> float:
 
 @torch.library.custom_op(
     "adaml_kernels::triton_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params"),
 )
 def triton_step_(
     params: list[torch.Tensor],
@@ -221,14 +286,20 @@ def triton_step_(
     normalize_loss: bool,
     decoupled_weight_decay: bool,
     maximize: bool,
+    master_params: list[torch.Tensor],
+    stochastic_rounding: bool,
+    seed: int,
 ) -> None:
     """One AdamL step over the tensors of a bucket, in one launch (schema: Bucket.fused_op_args)."""
     if not params:
         return
-    if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps):
+    _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params)
+    masters = master_params or None
+    if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps, masters):
         num_chunks, aligned = chunk_tensor.numel(), rows_aligned(rows_host)
     else:  # copies of the tensors (torch.compile): point a fresh table at them
-        table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps)
+        table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps, masters,
+                            rows_host[:, 8].tolist(), rows_host[:, 9].tolist())
         rows, chunk_tensor, num_chunks, aligned = (
             table.rows, table.chunk_tensor, table.num_chunks, table.aligned
         )
@@ -240,6 +311,9 @@ def triton_step_(
         decay_mode = NO_DECAY.value
     else:
         decay_mode = (DECOUPLED_DECAY if decoupled_weight_decay else L2_DECAY).value
+    moment = exp_avgs[0].dtype
+    sr = stochastic_rounding and torch.bfloat16 in (params[0].dtype, moment)
+    seed_bits = seed & ((1 << 64) - 1)
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         adaml_kernel[(num_chunks,)](
@@ -253,7 +327,12 @@ def triton_step_(
             *_as_float32_pair(phi),
             *_as_float32_pair(loss_offset),
             _as_float32(weight_decay),
+            _as_int32(seed_bits & 0xFFFFFFFF), _as_int32(seed_bits >> 32),
             PARAM=_TRITON_DTYPE[params[0].dtype],
+            GRAD=_TRITON_DTYPE[grads[0].dtype],
+            MOMENT=_TRITON_DTYPE[moment],
+            MASTER=masters is not None,
+            SR=sr,
             NORMALIZE=normalize_loss,
             MAXIMIZE=maximize,
             DECAY_MODE=decay_mode,
@@ -265,6 +344,36 @@ def triton_step_(
             L_MIN=L_MIN,
             num_warps=8,
         )
+
+
+def _as_int32(u: int) -> int:
+    """A uint32 value as the int32 with the same bits (one Triton argument type for any seed)."""
+    return u - (1 << 32) if u >= (1 << 31) else u
+
+
+def _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params) -> None:
+    """The bucket's dtypes: one each for params, grads and moments, and what the kernel takes."""
+    dtype, grad, moment = params[0].dtype, grads[0].dtype, exp_avgs[0].dtype
+    half = dtype in (torch.float16, torch.bfloat16)
+    if dtype not in _TRITON_DTYPE:
+        raise ValueError(f"triton_step_: {dtype} params are not supported")
+    if not (grad == dtype or (half and grad == torch.float32)):
+        raise ValueError(f"triton_step_: {grad} gradients for {dtype} params (gradients must "
+                         "have the params' dtype, or float32 for float16/bfloat16 params)")
+    if moment not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"triton_step_: moments must be float32 or bfloat16, got {moment}")
+    if master_params and not half:
+        raise ValueError(
+            f"triton_step_: master_params are for float16/bfloat16 params, not {dtype}")
+    if master_params and len(master_params) != len(params):
+        raise ValueError(f"triton_step_: master_params has {len(master_params)} tensors, "
+                         f"params has {len(params)}")
+    for name, tensors, want in (("grads", grads, grad), ("exp_avgs", exp_avgs, moment),
+                                ("exp_avg_sqs", exp_avg_sqs, moment), ("params", params, dtype),
+                                ("master_params", master_params, torch.float32)):
+        for i, t in enumerate(tensors):
+            if t.dtype != want:
+                raise ValueError(f"triton_step_: {name}[{i}] is {t.dtype}, expected {want}")
 
 
 @triton_step_.register_fake

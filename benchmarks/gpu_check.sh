@@ -12,10 +12,12 @@
 # 4. prints a short summary last.
 #
 # Every step runs under its own time limit and the script always reaches the summary; it exits
-# non-zero if any step failed. Expected (not yet measured): under 6 minutes on an H200 machine
-# (build ~1.5, tests ~1.5, quick benchmark ~1.5, host-overhead case ~0.5, FSDP2 case ~0.5, GPT
-# example ~1). The benchmark runs with --quick (1M, 16M, 256M, GPT-2 small, 5,000 small
-# tensors); ADAML_GPU_BENCH_ARGS= (empty) runs the full 1M-1B sweep.
+# non-zero if any step failed. Expected (not yet measured): under 12 minutes on an H200 machine
+# (build ~1.5, tests ~2.5, quick benchmark ~4-6, host-overhead case ~0.5, FSDP2 case ~0.5, GPT
+# example ~1). The benchmark runs with --quick (1M, 16M, 256M, GPT-2 small, 5,000 small tensors)
+# on float32 and bfloat16 parameters, every backend in each of AdamL's low-precision modes that
+# concerns the dtype (sr, master, bf16m, bf16m+sr, master+bf16m+sr); ADAML_GPU_BENCH_ARGS=
+# (empty) runs the full 1M-1B sweep.
 # To add a step (e.g. a benchmark), add a `run_step NAME LIMIT_S COMMAND...` line at the end of
 # the steps section, before the summary.
 #
@@ -36,7 +38,7 @@ PY=${PYTHON:-python}
 unset TRITON_INTERPRET
 export PYTHONDONTWRITEBYTECODE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py}
+TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py tests/test_precision.py tests/test_precision_behaviour.py}
 
 STEP_NAMES=()
 STEP_RESULTS=()
@@ -100,12 +102,14 @@ run_step tests 240 "$PY" -m pytest $TESTS -q -rfEs -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml"
 
 # Benchmarks: every backend against torch's fused and foreach Adam (1M-1B, GPT-2 small, 5,000
-# small tensors), then the extra peak memory one step allocates beyond the optimizer state.
+# small tensors), float32 and bfloat16 parameters, each low-precision mode with its bytes per
+# parameter; then the extra peak memory one step allocates beyond the optimizer state (and the
+# state itself, per mode).
 # shellcheck disable=SC2086  # ADAML_GPU_BENCH_ARGS is a list of options
-run_step bench 300 "$PY" -m adaml_kernels.bench --device cuda --no-progress ${ADAML_GPU_BENCH_ARGS---quick} \
-    --json "$OUT/bench.json" --plot "$OUT/bench.png"
-run_step bench_memory 120 "$PY" -m adaml_kernels.bench --device cuda --memory-check --quick \
-    --json "$OUT/bench_memory.json"
+run_step bench 600 "$PY" -m adaml_kernels.bench --device cuda --no-progress ${ADAML_GPU_BENCH_ARGS---quick} \
+    --dtype float32,bfloat16 --json "$OUT/bench.json" --plot "$OUT/bench.png"
+run_step bench_memory 180 "$PY" -m adaml_kernels.bench --device cuda --memory-check --quick \
+    --dtype float32,bfloat16 --json "$OUT/bench_memory.json"
 # Host overhead: 1, 100, 1,000 and 5,000 one-element tensors with new gradients every step, one
 # thread, AdamL against torch's fused and foreach Adam; a CUDA-graph replay is the lower bound.
 run_step bench_host 120 "$PY" -m adaml_kernels.bench --device cuda --no-progress --quick \

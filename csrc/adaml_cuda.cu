@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "adaml_update.h"
 
@@ -37,7 +38,12 @@ struct LaunchArgs {
   const void* grad_scale;  // nullptr: no grad scale
   const double* initial_loss;  // f_1; nullptr unless normalize_loss
   int loss_type, lr_type, grad_scale_type;
+  int decay_mode;
+  bool maximize;
+  bool grad_float;           // gradients are float32 (else the params' dtype)
+  bool stochastic_rounding;  // round what is stored as bf16 stochastically
   bool aligned;
+  uint64_t seed;  // stochastic rounding only
   Hyper hyper;
 };
 
@@ -66,21 +72,33 @@ template <typename T> __device__ __forceinline__ void store_pack(T* ptr, const P
   for (int k = 0; k < static_cast<int>(sizeof(Pack<T>) / 16); ++k) __stcg(dst + k, src[k]);
 }
 
+struct TensorScalars {
+  StepScalars<float> s;
+  uint32_t key;  // tensor_key(): stochastic rounding only
+};
+
 // The step's scalars for the tensor of `row`, in double; run by one thread per block. Not
 // inlined: one copy serves every instantiation of the kernel, which keeps compiling short.
-__device__ __noinline__ StepScalars<float> tensor_scalars(const LaunchArgs& a,
-                                                          const int64_t* row) {
+__device__ __noinline__ TensorScalars tensor_scalars(const LaunchArgs& a, const int64_t* row) {
   const double loss = load_scalar(a.loss, a.loss_type);
   const double f1 = a.initial_loss ? *a.initial_loss : 0.0;
   const double lr = a.lr_tensor ? load_scalar(a.lr_tensor, a.lr_type) : a.hyper.lr;
   const double scale = a.grad_scale ? load_scalar(a.grad_scale, a.grad_scale_type) : 1.0;
-  const double k = *reinterpret_cast<const float*>(row[kStepAddr]);
-  return step_scalars<float>(a.hyper, loss, f1, k, lr, scale);
+  const float k = *reinterpret_cast<const float*>(row[kStepAddr]);
+  TensorScalars out;
+  out.s = step_scalars<float>(a.hyper, loss, f1, k, lr, scale);
+  out.key = tensor_key(a.seed, static_cast<uint32_t>(k), static_cast<uint32_t>(row[kParamIndex]));
+  return out;
 }
 
-template <int PT, int kDecay, bool kMax, bool kGS>
+// The storage types of params, moments and the master weight are compile-time (Cfg; its GT and
+// kSR are unused here); the gradient dtype and stochastic rounding are warp-uniform run-time
+// switches, the decay mode, maximize and the grad scale bit masks (as in the CPU kernel), which
+// keeps the number of kernels (and the build) small.
+template <typename Cfg>
 __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
-  using S = typename Param<PT>::storage;
+  using P = typename Cfg::P;
+  using M = typename Cfg::M;
   // A skipped step is a step over nothing: no block reads or writes anything else.
   if (*a.take == 0.0f) return;
   const int64_t chunk = blockIdx.x;
@@ -88,71 +106,79 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   const int64_t numel = row[kNumel];
   const int64_t start = (chunk - row[kFirstChunk]) * kChunk;
 
-  __shared__ StepScalars<float> shared;
+  __shared__ TensorScalars shared;
   if (threadIdx.x == 0) shared = tensor_scalars(a, row);
   __syncthreads();
-  const StepScalars<float> s = shared;
+  const StepScalars<float> s = shared.s;
+  const uint32_t key = shared.key;
+  const uint64_t offset = static_cast<uint64_t>(row[kElementOffset]);
+  const SwitchMasks<float> on(a.decay_mode, a.maximize, a.grad_scale != nullptr);
+  const bool sr = a.stochastic_rounding;
 
-  S* p = reinterpret_cast<S*>(row[kParamAddr]);
-  const S* g = reinterpret_cast<const S*>(row[kGradAddr]);
-  float* m = reinterpret_cast<float*>(row[kExpAvgAddr]);
-  float* w = reinterpret_cast<float*>(row[kExpAvgSqAddr]);
+  P* p = reinterpret_cast<P*>(row[kParamAddr]);
+  const P* g = reinterpret_cast<const P*>(row[kGradAddr]);
+  const float* g_float = reinterpret_cast<const float*>(row[kGradAddr]);
+  M* m = reinterpret_cast<M*>(row[kExpAvgAddr]);
+  M* w = reinterpret_cast<M*>(row[kExpAvgSqAddr]);
+  float* master = reinterpret_cast<float*>(row[kMasterAddr]);
   const int64_t end = start + kChunk < numel ? start + kChunk : numel;
   if (a.aligned && end - start == kChunk) {
     const int64_t i = start + static_cast<int64_t>(threadIdx.x) * kPerThread;
-    Pack<S> pv = load_pack(p + i);
-    const Pack<S> gv = load_pack<S, true>(g + i);
-    Pack<float> mv = load_pack(m + i);
-    Pack<float> wv = load_pack(w + i);
+    Pack<P> pv;
+    Pack<float> xv;
+    if (Cfg::kMaster) {
+      xv = load_pack(master + i);
+    } else {
+      pv = load_pack(p + i);
+    }
+    float gv[kPerThread];
+    if (a.grad_float) {
+      const Pack<float> raw = load_pack<float, true>(g_float + i);
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) gv[j] = raw.v[j];
+    } else {
+      const Pack<P> raw = load_pack<P, true>(g + i);
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) gv[j] = Param<Cfg::PT>::load(raw.v[j]);
+    }
+    Pack<M> mv = load_pack(m + i);
+    Pack<M> wv = load_pack(w + i);
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
-      float pj = Param<PT>::load(pv.v[j]);
-      update_element<float, kDecay, kMax, kGS>(pj, Param<PT>::load(gv.v[j]), mv.v[j], wv.v[j], s);
-      pv.v[j] = Param<PT>::store(pj);
+      step_element<Cfg>(pv.v, xv.v, gv[j], mv.v, wv.v, j, key,
+                        offset + static_cast<uint64_t>(i + j), s, on, sr);
     }
     store_pack(p + i, pv);
+    if (Cfg::kMaster) store_pack(master + i, xv);
     store_pack(m + i, mv);
     store_pack(w + i, wv);
   } else {
     for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
-      float pi = Param<PT>::load(p[i]);
-      float mi = m[i];
-      float wi = w[i];
-      update_element<float, kDecay, kMax, kGS>(pi, Param<PT>::load(g[i]), mi, wi, s);
-      p[i] = Param<PT>::store(pi);
-      m[i] = mi;
-      w[i] = wi;
+      const float gi = a.grad_float ? g_float[i] : Param<Cfg::PT>::load(g[i]);
+      step_element<Cfg>(p, master, gi, m, w, i, key, offset + static_cast<uint64_t>(i), s, on,
+                        sr);
     }
   }
 }
 
-template <int PT, int kDecay, bool kMax, bool kGS>
-void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream) {
-  adaml_kernel<PT, kDecay, kMax, kGS><<<blocks, kThreads, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <int PT, int kDecay>
-void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream, bool maximize,
-            bool has_grad_scale) {
-  if (maximize) {
-    has_grad_scale ? launch<PT, kDecay, true, true>(a, blocks, stream)
-                   : launch<PT, kDecay, true, false>(a, blocks, stream);
-  } else {
-    has_grad_scale ? launch<PT, kDecay, false, true>(a, blocks, stream)
-                   : launch<PT, kDecay, false, false>(a, blocks, stream);
-  }
-}
-
-template <int PT>
-void launch(const LaunchArgs& a, unsigned blocks, cudaStream_t stream, int decay_mode,
-            bool maximize, bool has_grad_scale) {
-  switch (decay_mode) {
-    case kL2Decay: launch<PT, kL2Decay>(a, blocks, stream, maximize, has_grad_scale); break;
-    case kDecoupledDecay:
-      launch<PT, kDecoupledDecay>(a, blocks, stream, maximize, has_grad_scale);
-      break;
-    default: launch<PT, kNoDecay>(a, blocks, stream, maximize, has_grad_scale); break;
+// Calls f(Config<PT, PT, MT, kMaster, false>{}) for the bucket's storage types.
+template <typename F> void dispatch_storage(int pt, int mt, bool master, F&& f) {
+  auto moments = [&](auto ptc, auto masterc) {
+    constexpr int P = decltype(ptc)::value;
+    constexpr bool X = decltype(masterc)::value;
+    if (mt == kBFloat16) {
+      f(Config<P, P, kBFloat16, X, false>{});
+    } else {
+      f(Config<P, P, kFloat32, X, false>{});
+    }
+  };
+  auto half = [&](auto ptc) {
+    master ? moments(ptc, std::true_type{}) : moments(ptc, std::false_type{});
+  };
+  switch (pt) {
+    case kFloat16: half(std::integral_constant<int, kFloat16>{}); break;
+    case kBFloat16: half(std::integral_constant<int, kBFloat16>{}); break;
+    default: moments(std::integral_constant<int, kFloat32>{}, std::false_type{}); break;
   }
 }
 
@@ -164,6 +190,7 @@ void run_cuda_step(const StepLaunch& s) {
               " chunks exceeds one launch's grid");
   if (blocks == 0) return;
   const c10::cuda::CUDAGuard guard(s.take.device());
+  const StepTypes& types = s.types;
   LaunchArgs a;
   a.rows = table.rows.const_data_ptr<int64_t>();
   a.chunk_tensor = table.chunk_tensor.const_data_ptr<int32_t>();
@@ -178,20 +205,19 @@ void run_cuda_step(const StepLaunch& s) {
   a.initial_loss = s.initial_loss ? s.initial_loss->const_data_ptr<double>() : nullptr;
   a.aligned = table.aligned;
   a.hyper = s.hyper;
+  a.decay_mode = s.decay_mode;
+  a.maximize = s.maximize;
+  a.grad_float = types.grad == kFloat32;
+  // Only what is stored as bf16 is rounded stochastically (the CPU kernel compiles it out).
+  a.stochastic_rounding =
+      s.stochastic_rounding && (types.param == kBFloat16 || types.moment == kBFloat16);
+  a.seed = s.seed;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(blocks);
-  const bool has_scale = s.grad_scale.has_value();
-  switch (s.param_type) {
-    case kFloat16:
-      launch<kFloat16>(a, grid, stream, s.decay_mode, s.maximize, has_scale);
-      break;
-    case kBFloat16:
-      launch<kBFloat16>(a, grid, stream, s.decay_mode, s.maximize, has_scale);
-      break;
-    default:
-      launch<kFloat32>(a, grid, stream, s.decay_mode, s.maximize, has_scale);
-      break;
-  }
+  dispatch_storage(types.param, types.moment, types.master, [&](auto cfg) {
+    adaml_kernel<decltype(cfg)><<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -203,21 +229,22 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& grad_scale, double lr, double beta1,
                      double beta2, double eps, double gamma, double phi, double loss_offset,
                      double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                     bool maximize) {
-  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss,
-                                    rows, rows_host, chunk_tensor, loss, take, lr_tensor,
-                                    grad_scale, normalize_loss, c10::DeviceType::CUDA);
+                     bool maximize, at::TensorList master_params, bool stochastic_rounding,
+                     int64_t seed) {
+  const StepTypes types = check_step_args(
+      params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss, rows, rows_host, chunk_tensor,
+      loss, take, lr_tensor, grad_scale, normalize_loss, master_params, c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool capturing =
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const KernelTable table =
-      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, rows, rows_host, chunk_tensor,
-                    /*allow_rebuild=*/!capturing);
-  run_cuda_step(make_launch(table, static_cast<int64_t>(params.size()), ptype, loss, take,
+      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
+                    chunk_tensor, /*allow_rebuild=*/!capturing);
+  run_cuda_step(make_launch(table, static_cast<int64_t>(params.size()), types, loss, take,
                             lr_tensor, grad_scale, initial_loss, lr, beta1, beta2, eps, gamma,
                             phi, loss_offset, weight_decay, normalize_loss,
-                            decoupled_weight_decay, maximize));
+                            decoupled_weight_decay, maximize, stochastic_rounding, seed));
 }
 
 // The step's prologue (adaml_fast.cpp) in one block: thread 0 decides whether the step is
@@ -270,8 +297,8 @@ const bool kRegistered = [] {
 std::string cuda_kernel_error(int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   cudaFuncAttributes attributes;
-  const cudaError_t err =
-      cudaFuncGetAttributes(&attributes, adaml_kernel<kFloat32, kNoDecay, false, false>);
+  using Default = Config<kFloat32, kFloat32, kFloat32, false, false>;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, adaml_kernel<Default>);
   if (err == cudaSuccess) return "";
   (void)cudaGetLastError();  // not sticky, but leave no error behind for the next caller
   return cudaGetErrorString(err);

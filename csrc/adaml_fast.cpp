@@ -24,8 +24,9 @@ int64_t address(const at::Tensor& t) {
   return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
 }
 
-// Layout record of a parameter: address, dtype, device, dim, sizes, strides.
-void append_layout(std::vector<int64_t>& out, const at::Tensor& p) {
+// Layout record of a parameter: address, dtype, device, dim, sizes, strides, and the dtype its
+// bucket reads gradients in (the parameter's, or float32 for fp16/bf16 parameters).
+void append_layout(std::vector<int64_t>& out, const at::Tensor& p, const at::Tensor& g) {
   out.push_back(address(p));
   out.push_back(static_cast<int64_t>(p.scalar_type()));
   out.push_back(static_cast<int64_t>(p.device().type()));
@@ -33,6 +34,7 @@ void append_layout(std::vector<int64_t>& out, const at::Tensor& p) {
   out.push_back(p.dim());
   for (int64_t d = 0; d < p.dim(); ++d) out.push_back(p.size(d));
   for (int64_t d = 0; d < p.dim(); ++d) out.push_back(p.stride(d));
+  out.push_back(static_cast<int64_t>(g.scalar_type()));
 }
 
 bool layout_matches(const at::Tensor& p, const int64_t* rec, int64_t& at, int64_t end) {
@@ -43,7 +45,7 @@ bool layout_matches(const at::Tensor& p, const int64_t* rec, int64_t& at, int64_
     return false;
   }
   const int64_t dim = p.dim();
-  if (at + 5 + 2 * dim > end) return false;
+  if (at + 6 + 2 * dim > end) return false;
   for (int64_t d = 0; d < dim; ++d) {
     if (rec[at + 5 + d] != p.size(d) || rec[at + 5 + dim + d] != p.stride(d)) return false;
   }
@@ -51,9 +53,10 @@ bool layout_matches(const at::Tensor& p, const int64_t* rec, int64_t& at, int64_
   return true;
 }
 
-// What the fused kernels need of a gradient (tensor_checks.check_grad + fits_fused_kernels).
-bool grad_fits(const at::Tensor& p, const at::Tensor& g) {
-  if (g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
+// What the fused kernels need of a gradient (tensor_checks.check_grad + fits_fused_kernels),
+// its dtype being the one the bucket reads (`grad_dtype`, from the layout record).
+bool grad_fits(const at::Tensor& p, const at::Tensor& g, int64_t grad_dtype) {
+  if (g.layout() != at::kStrided || static_cast<int64_t>(g.scalar_type()) != grad_dtype ||
       g.device() != p.device() || g.sizes() != p.sizes()) {
     return false;
   }
@@ -65,10 +68,12 @@ bool grad_fits(const at::Tensor& p, const at::Tensor& g) {
 
 }  // namespace
 
-// The layout record of the planned parameters, in order (refresh_grads compares with it).
-at::Tensor layout_record(const std::vector<at::Tensor>& params) {
+// The layout record of the planned parameters and their gradients, in order (refresh_grads
+// compares with it).
+at::Tensor layout_record(const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads) {
   std::vector<int64_t> out;
-  for (const at::Tensor& p : params) append_layout(out, p);
+  for (size_t i = 0; i < params.size(); ++i) append_layout(out, params[i], grads[i]);
   return at::tensor(out, at::kLong);
 }
 
@@ -95,7 +100,9 @@ int64_t refresh_grads(const std::vector<at::Tensor>& params, const at::Tensor& s
       if (g.defined()) return kChanged;
       continue;
     }
-    if (!g.defined() || !layout_matches(p, rec, at, end) || !grad_fits(p, g)) return kChanged;
+    if (!g.defined() || !layout_matches(p, rec, at, end) || !grad_fits(p, g, rec[at++])) {
+      return kChanged;
+    }
     const size_t bucket = static_cast<size_t>(slot[i] >> 32);
     const int64_t row = slot[i] & 0xFFFFFFFF;
     int64_t* cell = rows_hosts[bucket].data_ptr<int64_t>() + row * kColumns + kGradAddr;
@@ -146,13 +153,17 @@ void prologue(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf
 }
 
 // One bucket's update from its table (checked by refresh_grads or at plan time).
+// `types`: the parameter, gradient and moment dtype codes (ScalarType) and 1 if the bucket has
+// master weights.
 void launch(const at::Tensor& rows, const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
-            int64_t num_tensors, int64_t param_type, const at::Tensor& loss,
+            int64_t num_tensors, const std::vector<int64_t>& types, const at::Tensor& loss,
             const at::Tensor& take, const std::optional<at::Tensor>& lr_tensor,
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& initial_loss, double lr, double beta1, double beta2,
             double eps, double gamma, double phi, double loss_offset, double weight_decay,
-            bool normalize_loss, bool decoupled_weight_decay, bool maximize) {
+            bool normalize_loss, bool decoupled_weight_decay, bool maximize,
+            bool stochastic_rounding, int64_t seed) {
+  TORCH_CHECK(types.size() == 4, "launch: types must be (param, grad, moment, master)");
   KernelTable table;
   table.rows = rows;
   table.chunk_tensor = chunk_tensor;
@@ -160,15 +171,20 @@ void launch(const at::Tensor& rows, const at::Tensor& rows_host, const at::Tenso
   const int64_t* r = rows_host.const_data_ptr<int64_t>();
   bool aligned = true;
   for (int64_t i = 0; i < num_tensors; ++i) {
-    for (int c = kParamAddr; c <= kExpAvgSqAddr; ++c) {
+    for (int c : {kParamAddr, kGradAddr, kExpAvgAddr, kExpAvgSqAddr, kMasterAddr}) {
       aligned = aligned && r[i * kColumns + c] % kVectorBytes == 0;
     }
   }
   table.aligned = aligned;
+  StepTypes t;
+  t.param = static_cast<int>(types[0]);
+  t.grad = static_cast<int>(types[1]);
+  t.moment = static_cast<int>(types[2]);
+  t.master = types[3] != 0;
   const StepLaunch s = make_launch(
-      table, num_tensors, static_cast<int>(param_type), loss, take, lr_tensor, grad_scale,
-      initial_loss, lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay,
-      normalize_loss, decoupled_weight_decay, maximize);
+      table, num_tensors, t, loss, take, lr_tensor, grad_scale, initial_loss, lr, beta1, beta2,
+      eps, gamma, phi, loss_offset, weight_decay, normalize_loss, decoupled_weight_decay,
+      maximize, stochastic_rounding, seed);
   if (rows.is_cuda()) {
     TORCH_CHECK(cuda_entry_points().run_step != nullptr, "adaml_kernels._C has no CUDA kernel");
     cuda_entry_points().run_step(s);

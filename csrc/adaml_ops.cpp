@@ -67,20 +67,22 @@ void check_zero_dim(const at::Tensor& t, const char* name, const at::Device& dev
 
 }  // namespace
 
-int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList steps,
-                    const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
-                    const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
-                    const at::Tensor& loss, const at::Tensor& take,
-                    const std::optional<at::Tensor>& lr_tensor,
-                    const std::optional<at::Tensor>& grad_scale, bool normalize_loss,
-                    c10::DeviceType device_type) {
+StepTypes check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList steps,
+                          const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
+                          const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                          const at::Tensor& loss, const at::Tensor& take,
+                          const std::optional<at::Tensor>& lr_tensor,
+                          const std::optional<at::Tensor>& grad_scale, bool normalize_loss,
+                          at::TensorList master_params, c10::DeviceType device_type) {
   const size_t n = params.size();
   const std::pair<at::TensorList, const char*> lists[] = {
       {grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}, {steps, "steps"}};
   for (const auto& [list, name] : lists) {
     TORCH_CHECK(list.size() == n, kOp, name, " has ", list.size(), " tensors, params has ", n);
   }
+  TORCH_CHECK(master_params.empty() || master_params.size() == n, kOp, "master_params has ",
+              master_params.size(), " tensors, params has ", n, " (give one per param, or none)");
   TORCH_CHECK(initial_loss.has_value() || !normalize_loss, kOp,
               "normalize_loss=True needs initial_loss (f_1)");
 
@@ -111,7 +113,8 @@ int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK(chunk_tensor.scalar_type() == at::kInt && chunk_tensor.dim() == 1 &&
                   chunk_tensor.is_contiguous() && chunk_tensor.device() == device,
               kOp, "chunk_tensor must be a contiguous 1-d int32 tensor on ", device);
-  if (n == 0) return kFloat32;
+  StepTypes types;
+  if (n == 0) return types;
 
   const at::ScalarType dtype = params[0].scalar_type();
   const bool supported = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
@@ -119,14 +122,28 @@ int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK(supported, kOp, "the ", device_type, " kernel does not support ", dtype,
               " params (it supports float32, float16, bfloat16",
               device_type == c10::DeviceType::CPU ? ", float64)" : ")");
-  const at::ScalarType moment = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  // The bucket's gradient and moment dtypes are those of its first tensor; every tensor must
+  // share them (the kernel is compiled per combination).
+  const at::ScalarType grad_dtype = grads[0].scalar_type();
+  TORCH_CHECK(grad_dtype == dtype || (half && grad_dtype == at::kFloat), kOp, "grads[0] is ",
+              grad_dtype, " for ", dtype, " params: gradients must have the params' dtype, or "
+              "float32 for float16/bfloat16 params");
+  const at::ScalarType moment = exp_avgs[0].scalar_type();
+  const bool moment_ok = dtype == at::kDouble ? moment == at::kDouble
+                                              : (moment == at::kFloat || moment == at::kBFloat16);
+  TORCH_CHECK(moment_ok, kOp, "exp_avgs[0] must be ",
+              dtype == at::kDouble ? "Double" : "Float or BFloat16", " for ", dtype,
+              " params, got ", moment);
+  TORCH_CHECK(master_params.empty() || half, kOp,
+              "master_params are for float16/bfloat16 params, not ", dtype);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.scalar_type() == dtype && p.device() == device, kOp, "params[", i, "] is ",
                 p.scalar_type(), " on ", p.device(), "; a bucket holds ", dtype, " on ", device);
     TORCH_CHECK(p.is_non_overlapping_and_dense(), kOp, "params[", i, "] must be dense");
     const std::tuple<const at::Tensor&, const char*, at::ScalarType> like[] = {
-        {grads[i], "grads", dtype}, {exp_avgs[i], "exp_avgs", moment},
+        {grads[i], "grads", grad_dtype}, {exp_avgs[i], "exp_avgs", moment},
         {exp_avg_sqs[i], "exp_avg_sqs", moment}};
     for (const auto& [t, name, want] : like) {
       TORCH_CHECK(t.scalar_type() == want && t.device() == device, kOp, name, "[", i,
@@ -134,18 +151,31 @@ int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList 
                   t.device());
       check_like_param(t, p, name, i);
     }
+    if (!master_params.empty()) {
+      const at::Tensor& mp = master_params[i];
+      TORCH_CHECK(mp.scalar_type() == at::kFloat && mp.device() == device, kOp,
+                  "master_params[", i, "] must be Float on ", device, ", got ",
+                  mp.scalar_type(), " on ", mp.device());
+      check_like_param(mp, p, "master_params", i);
+    }
     TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
                     steps[i].device() == device,
                 kOp, "steps[", i, "] must be a one-element float32 tensor on ", device);
   }
-  return scalar_type_code(params[0]);
+  types.param = scalar_type_code(params[0]);
+  types.grad = scalar_type_code(grads[0]);
+  types.moment = scalar_type_code(exp_avgs[0]);
+  types.master = !master_params.empty();
+  return types;
 }
 
 KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& rows,
+                          at::TensorList exp_avg_sqs, at::TensorList steps,
+                          at::TensorList master_params, const at::Tensor& rows,
                           const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                           bool allow_rebuild) {
   const int64_t n = static_cast<int64_t>(params.size());
+  const int64_t* given = rows_host.const_data_ptr<int64_t>();
   std::vector<int64_t> expected(n * kColumns);
   int64_t num_chunks = 0;
   bool aligned = true;
@@ -156,11 +186,14 @@ KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::Tenso
     row[kExpAvgAddr] = address(exp_avgs[i]);
     row[kExpAvgSqAddr] = address(exp_avg_sqs[i]);
     row[kStepAddr] = address(steps[i]);
-    row[kUnused] = 0;
+    row[kMasterAddr] = master_params.empty() ? 0 : address(master_params[i]);
     row[kNumel] = params[i].numel();
     row[kFirstChunk] = num_chunks;
+    // Not addresses: what the table says (the bucket's parameter indices and offsets).
+    row[kParamIndex] = given[i * kColumns + kParamIndex];
+    row[kElementOffset] = given[i * kColumns + kElementOffset];
     num_chunks += chunks_of(row[kNumel]);
-    for (int c = kParamAddr; c <= kExpAvgSqAddr; ++c) {
+    for (int c : {kParamAddr, kGradAddr, kExpAvgAddr, kExpAvgSqAddr, kMasterAddr}) {
       aligned = aligned && row[c] % kVectorBytes == 0;
     }
   }
@@ -168,9 +201,8 @@ KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::Tenso
   KernelTable table;
   table.num_chunks = num_chunks;
   table.aligned = aligned;
-  const bool matches =
-      chunk_tensor.numel() == num_chunks &&
-      std::equal(expected.begin(), expected.end(), rows_host.const_data_ptr<int64_t>());
+  const bool matches = chunk_tensor.numel() == num_chunks &&
+                       std::equal(expected.begin(), expected.end(), given);
   if (matches) {
     table.rows = rows;
     table.chunk_tensor = chunk_tensor;
@@ -258,6 +290,10 @@ template <typename C> struct CpuPlan {
   const int64_t* rows;
   const int32_t* chunk_tensor;
   const StepScalars<C>* scalars;  // one per tensor
+  const uint32_t* keys;           // tensor_key() per tensor (stochastic rounding only)
+  int decay;
+  bool maximize;
+  bool has_grad_scale;
 };
 
 #if defined(__GNUC__)
@@ -266,32 +302,30 @@ template <typename C> struct CpuPlan {
 #define ADAML_INLINE inline
 #endif
 
-template <int PT, int kDecay, bool kMax, bool kGS>
-ADAML_INLINE void update_span(typename Param<PT>::storage* __restrict p,
-                              const typename Param<PT>::storage* __restrict g,
-                              typename Param<PT>::compute* __restrict m,
-                              typename Param<PT>::compute* __restrict w, int64_t n,
-                              const StepScalars<typename Param<PT>::compute>& scalars) {
-  using C = typename Param<PT>::compute;
+// `index` is the whole parameter's index of p[0] (stochastic rounding only). The storage types,
+// stochastic rounding and whether there is a grad scale (a division per element) are compiled in
+// (Cfg, kScale); the decay mode and maximize are bit masks (SwitchMasks): one branch-free SIMD
+// loop per Cfg, kScale and instruction set serves them all.
+template <typename Cfg, int kScale>
+ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg::G* __restrict g,
+                              typename Cfg::M* __restrict m, typename Cfg::M* __restrict w,
+                              typename Cfg::C* __restrict master, int64_t n, uint32_t key,
+                              uint64_t index, const StepScalars<typename Cfg::C>& scalars,
+                              int decay, bool maximize, bool has_grad_scale) {
+  using C = typename Cfg::C;
   const StepScalars<C> s = scalars;  // a local copy: provably not aliased by the stores
+  const SwitchMasks<C> on(decay, maximize, has_grad_scale);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    C pi = Param<PT>::load(p[i]);
-    C mi = m[i];
-    C wi = w[i];
-    update_element<C, kDecay, kMax, kGS>(pi, Param<PT>::load(g[i]), mi, wi, s);
-    p[i] = Param<PT>::store(pi);
-    m[i] = mi;
-    w[i] = wi;
+    step_element<Cfg, kScale>(p, master, Param<Cfg::GT>::load(g[i]), m, w, i, key,
+                              index + static_cast<uint64_t>(i), s, on, Cfg::kSR);
   }
 }
 
 // Chunks [c0, c1) of the bucket; consecutive chunks of one tensor are done as one span.
-template <int PT, int kDecay, bool kMax, bool kGS>
-ADAML_INLINE void run_range(const CpuPlan<typename Param<PT>::compute>& plan, int64_t c0,
-                            int64_t c1) {
-  using S = typename Param<PT>::storage;
-  using C = typename Param<PT>::compute;
+template <typename Cfg, int kScale>
+ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
+  using C = typename Cfg::C;
   int64_t c = c0;
   while (c < c1) {
     const int64_t t = plan.chunk_tensor[c];
@@ -301,83 +335,84 @@ ADAML_INLINE void run_range(const CpuPlan<typename Param<PT>::compute>& plan, in
     const int64_t last = std::min(c1, first + chunks_of(numel));
     const int64_t begin = (c - first) * kChunk;
     const int64_t end = std::min((last - first) * kChunk, numel);
-    update_span<PT, kDecay, kMax, kGS>(
-        reinterpret_cast<S*>(row[kParamAddr]) + begin,
-        reinterpret_cast<const S*>(row[kGradAddr]) + begin,
-        reinterpret_cast<C*>(row[kExpAvgAddr]) + begin,
-        reinterpret_cast<C*>(row[kExpAvgSqAddr]) + begin, end - begin, plan.scalars[t]);
+    C* master = Cfg::kMaster ? reinterpret_cast<C*>(row[kMasterAddr]) + begin : nullptr;
+    update_span<Cfg, kScale>(
+        reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
+        reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
+        reinterpret_cast<typename Cfg::M*>(row[kExpAvgAddr]) + begin,
+        reinterpret_cast<typename Cfg::M*>(row[kExpAvgSqAddr]) + begin, master, end - begin,
+        Cfg::kSR ? plan.keys[t] : 0u,
+        static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
+        plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
     c = last;
   }
 }
 
-template <int PT>
-using RangeFn = void (*)(const CpuPlan<typename Param<PT>::compute>&, int64_t, int64_t);
+template <typename Cfg>
+using RangeFn = void (*)(const CpuPlan<typename Cfg::C>&, int64_t, int64_t);
 
 // One copy of the loop per instruction set: the compiler vectorizes each for its own ISA.
-template <int PT, int kDecay, bool kMax, bool kGS>
-void range_default(const CpuPlan<typename Param<PT>::compute>& plan, int64_t c0, int64_t c1) {
-  run_range<PT, kDecay, kMax, kGS>(plan, c0, c1);
+template <typename Cfg, int kScale>
+void range_default(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
+  run_range<Cfg, kScale>(plan, c0, c1);
 }
 #if ADAML_X86_VARIANTS
-template <int PT, int kDecay, bool kMax, bool kGS>
-ADAML_TARGET_AVX2 void range_avx2(const CpuPlan<typename Param<PT>::compute>& plan, int64_t c0,
-                                  int64_t c1) {
-  run_range<PT, kDecay, kMax, kGS>(plan, c0, c1);
+template <typename Cfg, int kScale>
+ADAML_TARGET_AVX2 void range_avx2(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
+  run_range<Cfg, kScale>(plan, c0, c1);
 }
-template <int PT, int kDecay, bool kMax, bool kGS>
-ADAML_TARGET_AVX512 void range_avx512(const CpuPlan<typename Param<PT>::compute>& plan,
-                                      int64_t c0, int64_t c1) {
-  run_range<PT, kDecay, kMax, kGS>(plan, c0, c1);
+template <typename Cfg, int kScale>
+ADAML_TARGET_AVX512 void range_avx512(const CpuPlan<typename Cfg::C>& plan, int64_t c0,
+                                      int64_t c1) {
+  run_range<Cfg, kScale>(plan, c0, c1);
 }
 #endif
 
-template <int PT, int kDecay, bool kMax, bool kGS> RangeFn<PT> range_fn(Isa isa) {
+template <typename Cfg, int kScale> RangeFn<Cfg> range_fn(Isa isa) {
 #if ADAML_X86_VARIANTS
-  if (isa == Isa::kAvx512) return &range_avx512<PT, kDecay, kMax, kGS>;
-  if (isa == Isa::kAvx2) return &range_avx2<PT, kDecay, kMax, kGS>;
+  if (isa == Isa::kAvx512) return &range_avx512<Cfg, kScale>;
+  if (isa == Isa::kAvx2) return &range_avx2<Cfg, kScale>;
 #endif
   (void)isa;
-  return &range_default<PT, kDecay, kMax, kGS>;
-}
-
-template <int PT, int kDecay>
-RangeFn<PT> range_fn(Isa isa, bool maximize, bool has_grad_scale) {
-  if (maximize) {
-    return has_grad_scale ? range_fn<PT, kDecay, true, true>(isa)
-                          : range_fn<PT, kDecay, true, false>(isa);
-  }
-  return has_grad_scale ? range_fn<PT, kDecay, false, true>(isa)
-                        : range_fn<PT, kDecay, false, false>(isa);
+  return &range_default<Cfg, kScale>;
 }
 
 // Chunks per task: a task moves at least ~230 KB, which outweighs waking a thread.
 constexpr int64_t kGrainChunks = 4;
 
-template <int PT>
-void run_cpu(const KernelTable& table, int64_t num_tensors, const Hyper& h, double loss,
-             double f1, double lr, double grad_scale, int decay_mode, bool maximize,
-             bool has_grad_scale) {
-  using C = typename Param<PT>::compute;
-  const int64_t* rows = table.rows.const_data_ptr<int64_t>();
-  std::vector<StepScalars<C>> scalars(num_tensors);
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    const int64_t* row = rows + i * kColumns;
-    const double k = *reinterpret_cast<const float*>(row[kStepAddr]);
-    scalars[i] = step_scalars<C>(h, loss, f1, k, lr, grad_scale);
-  }
-  if (table.num_chunks == 0) return;
+struct CpuStep {
+  const KernelTable* table;
+  int64_t num_tensors;
+  Hyper hyper;
+  double loss, f1, lr, grad_scale;
+  int decay_mode;
+  bool maximize, has_grad_scale, stochastic_rounding;
+  uint64_t seed;
+};
 
-  const Isa isa = active_isa();
-  RangeFn<PT> fn;
-  switch (decay_mode) {
-    case kL2Decay: fn = range_fn<PT, kL2Decay>(isa, maximize, has_grad_scale); break;
-    case kDecoupledDecay: fn = range_fn<PT, kDecoupledDecay>(isa, maximize, has_grad_scale); break;
-    default: fn = range_fn<PT, kNoDecay>(isa, maximize, has_grad_scale); break;
+template <typename Cfg> void run_cpu(const CpuStep& a) {
+  using C = typename Cfg::C;
+  const int64_t* rows = a.table->rows.const_data_ptr<int64_t>();
+  std::vector<StepScalars<C>> scalars(a.num_tensors);
+  std::vector<uint32_t> keys(Cfg::kSR ? a.num_tensors : 0);
+  for (int64_t i = 0; i < a.num_tensors; ++i) {
+    const int64_t* row = rows + i * kColumns;
+    const float k = *reinterpret_cast<const float*>(row[kStepAddr]);
+    scalars[i] = step_scalars<C>(a.hyper, a.loss, a.f1, k, a.lr, a.grad_scale);
+    if (Cfg::kSR) {
+      keys[i] = tensor_key(a.seed, static_cast<uint32_t>(k),
+                           static_cast<uint32_t>(row[kParamIndex]));
+    }
   }
-  const CpuPlan<C> plan{rows, table.chunk_tensor.const_data_ptr<int32_t>(), scalars.data()};
+  if (a.table->num_chunks == 0) return;
+
+  const RangeFn<Cfg> fn = a.has_grad_scale ? range_fn<Cfg, kGradScale>(active_isa())
+                                           : range_fn<Cfg, kNoGradScale>(active_isa());
+  const CpuPlan<C> plan{rows, a.table->chunk_tensor.const_data_ptr<int32_t>(), scalars.data(),
+                        keys.data(), a.decay_mode, a.maximize, a.has_grad_scale};
   // ATen's parallel_for is OpenMP here (the extension is built with -fopenmp) and follows
   // torch.set_num_threads. Each element is computed alone, so the split never changes results.
-  at::parallel_for(0, table.num_chunks, kGrainChunks,
+  at::parallel_for(0, a.table->num_chunks, kGrainChunks,
                    [&](int64_t c0, int64_t c1) { fn(plan, c0, c1); });
 }
 
@@ -390,20 +425,21 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& grad_scale, double lr, double beta1,
                     double beta2, double eps, double gamma, double phi, double loss_offset,
                     double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                    bool maximize) {
-  const int ptype = check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss,
-                                    rows, rows_host, chunk_tensor, loss, take, lr_tensor,
-                                    grad_scale, normalize_loss, c10::DeviceType::CPU);
+                    bool maximize, at::TensorList master_params, bool stochastic_rounding,
+                    int64_t seed) {
+  const StepTypes types = check_step_args(
+      params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss, rows, rows_host, chunk_tensor,
+      loss, take, lr_tensor, grad_scale, normalize_loss, master_params, c10::DeviceType::CPU);
   if (params.empty()) return;
   // A skipped step reads and writes nothing else.
   if (*take.const_data_ptr<float>() == 0.0f) return;
-  const KernelTable table =
-      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, rows, rows_host, chunk_tensor,
-                    /*allow_rebuild=*/true);
-  run_cpu_step(make_launch(table, static_cast<int64_t>(params.size()), ptype, loss, take,
+  const KernelTable table = resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps,
+                                          master_params, rows, rows_host, chunk_tensor,
+                                          /*allow_rebuild=*/true);
+  run_cpu_step(make_launch(table, static_cast<int64_t>(params.size()), types, loss, take,
                            lr_tensor, grad_scale, initial_loss, lr, beta1, beta2, eps, gamma,
                            phi, loss_offset, weight_decay, normalize_loss,
-                           decoupled_weight_decay, maximize));
+                           decoupled_weight_decay, maximize, stochastic_rounding, seed));
 }
 
 std::string cpu_capability() { return isa_name(active_isa()); }
@@ -412,49 +448,40 @@ std::string cpu_capability() { return isa_name(active_isa()); }
 
 void run_cpu_step(const StepLaunch& s) {
   if (*s.take.const_data_ptr<float>() == 0.0f) return;  // a skipped step touches nothing
-  const double loss = load_scalar(s.loss.const_data_ptr(), scalar_type_code(s.loss));
-  const double f1 = s.initial_loss ? *s.initial_loss->const_data_ptr<double>() : 0.0;
-  const double lr = s.lr_tensor
-                        ? load_scalar(s.lr_tensor->const_data_ptr(),
-                                      scalar_type_code(*s.lr_tensor))
-                        : s.hyper.lr;
-  const double scale = s.grad_scale ? load_scalar(s.grad_scale->const_data_ptr(),
-                                                  scalar_type_code(*s.grad_scale))
-                                    : 1.0;
-  const bool has_scale = s.grad_scale.has_value();
-  const int64_t n = s.num_tensors;
-  switch (s.param_type) {
-    case kFloat64:
-      run_cpu<kFloat64>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
-                         has_scale);
-      break;
-    case kFloat16:
-      run_cpu<kFloat16>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
-                         has_scale);
-      break;
-    case kBFloat16:
-      run_cpu<kBFloat16>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
-                          has_scale);
-      break;
-    default:
-      run_cpu<kFloat32>(s.table, n, s.hyper, loss, f1, lr, scale, s.decay_mode, s.maximize,
-                         has_scale);
-      break;
-  }
+  CpuStep a;
+  a.table = &s.table;
+  a.num_tensors = s.num_tensors;
+  a.hyper = s.hyper;
+  a.loss = load_scalar(s.loss.const_data_ptr(), scalar_type_code(s.loss));
+  a.f1 = s.initial_loss ? *s.initial_loss->const_data_ptr<double>() : 0.0;
+  a.lr = s.lr_tensor ? load_scalar(s.lr_tensor->const_data_ptr(), scalar_type_code(*s.lr_tensor))
+                     : s.hyper.lr;
+  a.grad_scale = s.grad_scale ? load_scalar(s.grad_scale->const_data_ptr(),
+                                            scalar_type_code(*s.grad_scale))
+                              : 1.0;
+  a.decay_mode = s.decay_mode;
+  a.maximize = s.maximize;
+  a.has_grad_scale = s.grad_scale.has_value();
+  a.stochastic_rounding = s.stochastic_rounding;
+  a.seed = s.seed;
+  const StepTypes& t = s.types;
+  dispatch_config</*kWithFloat64=*/true>(t.param, t.grad, t.moment, t.master,
+                                         s.stochastic_rounding,
+                                         [&](auto cfg) { run_cpu<decltype(cfg)>(a); });
 }
 
-StepLaunch make_launch(KernelTable table, int64_t num_tensors, int param_type,
+StepLaunch make_launch(KernelTable table, int64_t num_tensors, StepTypes types,
                        const at::Tensor& loss, const at::Tensor& take,
                        const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& initial_loss, double lr, double beta1,
                        double beta2, double eps, double gamma, double phi, double loss_offset,
                        double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                       bool maximize) {
+                       bool maximize, bool stochastic_rounding, int64_t seed) {
   StepLaunch s;
   s.table = std::move(table);
   s.num_tensors = num_tensors;
-  s.param_type = param_type;
+  s.types = types;
   s.loss = loss;
   s.take = take;
   s.lr_tensor = lr_tensor;
@@ -465,6 +492,8 @@ StepLaunch make_launch(KernelTable table, int64_t num_tensors, int param_type,
   s.decay_mode =
       weight_decay == 0.0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay);
   s.maximize = maximize;
+  s.stochastic_rounding = stochastic_rounding;
+  s.seed = static_cast<uint64_t>(seed);
   return s;
 }
 
@@ -485,7 +514,8 @@ TORCH_LIBRARY(adaml_kernels, m) {
       "Tensor rows_host, Tensor chunk_tensor, Tensor loss, Tensor take, Tensor? lr_tensor, "
       "Tensor? grad_scale, float lr, float beta1, float beta2, float eps, float gamma, "
       "float phi, float loss_offset, float weight_decay, bool normalize_loss, "
-      "bool decoupled_weight_decay, bool maximize) -> ()");
+      "bool decoupled_weight_decay, bool maximize, Tensor(d!)[] master_params, "
+      "bool stochastic_rounding, int seed) -> ()");
   // The instruction set the CPU kernel runs with: "avx512", "avx2" or "default".
   m.def("cpu_capability() -> str", &adaml::cpu_capability);
 }

@@ -1,11 +1,11 @@
 // The AdamL update (SPEC.md), written once for the C++ CPU kernel and the CUDA kernel.
 //
-// Both kernels call step_scalars() once per tensor (in double) and update_element() once per
-// element (in float, or double for float64 parameters), so the CPU tests also check the math
-// that runs on the GPU. The build turns off floating-point contraction for both compilers
-// (-ffp-contract=off, nvcc --fmad=false) and every operation here is IEEE-rounded (division and
-// square root included): the CPU kernel on any instruction set and the CUDA kernel compute
-// bitwise the same parameters from the same inputs.
+// Both kernels call step_scalars() (and, for stochastic rounding, tensor_key()) once per tensor
+// in double, and step_element() once per element (in float, or double for float64 parameters),
+// so the CPU tests also check the math that runs on the GPU. The build turns off floating-point
+// contraction for both compilers (-ffp-contract=off, nvcc --fmad=false) and every operation here
+// is IEEE-rounded (division and square root included): the CPU kernel on any instruction set and
+// the CUDA kernel compute bitwise the same parameters from the same inputs.
 //
 // The second part of this file declares the host-side argument checks and pointer-table helpers
 // that adaml_ops.cpp implements and both kernels' launchers use.
@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define ADAML_HD __host__ __device__ __forceinline__
@@ -28,16 +29,18 @@ namespace adaml {
 // ----------------------------------------------------------------------------- table layout
 // Mirrors adaml_kernels/buckets.py: one row of kColumns int64 per tensor, chunks of kChunk.
 constexpr int64_t kChunk = 2048;
-constexpr int kColumns = 8;
+constexpr int kColumns = 10;
 enum Column : int {
   kParamAddr = 0,
   kGradAddr = 1,
   kExpAvgAddr = 2,
   kExpAvgSqAddr = 3,
   kStepAddr = 4,         // float32, 0-dim: the step count k, already advanced
-  kUnused = 5,           // 0 (f_1 is one value per optimizer, passed to the op on its own)
+  kMasterAddr = 5,       // float32 master weight (master_weights=True); 0: none
   kNumel = 6,
   kFirstChunk = 7,
+  kParamIndex = 8,       // the parameter's index in the optimizer (stochastic rounding's j)
+  kElementOffset = 9,    // index, in the whole parameter, of this tensor's first element
 };
 constexpr int64_t kVectorBytes = 16;
 
@@ -109,32 +112,92 @@ ADAML_HD uint16_t float_to_half(float f) {
   return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
-// A parameter dtype: how it is stored and in which type the update is computed.
+// ----------------------------------------------------------------------------- random bits
+// Stochastic rounding (SPEC.md, Precision) draws its bits from a counter-based hash: no state, the
+// same bits on every backend (adaml_kernels/triton_kernel.py and adaml_kernels/precision.py hold
+// the same function), whatever the chunking, the threads or the sharding:
+//
+//   key  = H(H(H(H(seed_lo ^ 0x9E3779B9) ^ seed_hi) ^ k) ^ j)     once per tensor and step
+//   bits = H(H(key ^ i_lo) ^ i_hi)                                per element
+//
+// with k the parameter's step count (already advanced), j its index in the optimizer, i the
+// element's index in the whole parameter (64-bit; lo/hi are its 32-bit halves). H is a 32-bit
+// bijective mixer (C. Wellons' "lowbias32", improved constants). The parameter takes the low 16
+// bits, exp_avg the high 16, exp_avg_sq the low 16 of H(bits ^ 0x6A09E667).
+ADAML_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  x ^= x >> 15;
+  return x;
+}
+
+ADAML_HD uint32_t tensor_key(uint64_t seed, uint32_t k, uint32_t j) {
+  uint32_t h = mix32(static_cast<uint32_t>(seed) ^ 0x9E3779B9u);
+  h = mix32(h ^ static_cast<uint32_t>(seed >> 32));
+  h = mix32(h ^ k);
+  return mix32(h ^ j);
+}
+
+ADAML_HD uint32_t element_bits(uint32_t key, uint64_t i) {
+  return mix32(mix32(key ^ static_cast<uint32_t>(i)) ^ static_cast<uint32_t>(i >> 32));
+}
+
+ADAML_HD uint32_t exp_avg_sq_bits(uint32_t bits) { return mix32(bits ^ 0x6A09E667u); }
+
+// Stochastic rounding to bf16: add 16 random bits r (< 2^16) to the low half of f's bit pattern
+// and truncate. E[result] = f; inf stays inf, NaN becomes 0x7FC0 (as round-to-nearest does).
+ADAML_HD uint16_t float_to_bf16_stochastic(float f, uint32_t r) {
+  const uint32_t rounded = (float_to_bits(f) + r) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(rounded);
+}
+
+// A storage dtype (of parameters, gradients or moments): how it is held and in which type the
+// update is computed. store(x, r, sr) rounds once; only bf16 rounds stochastically (when sr), with
+// the low 16 bits of r; the others round to nearest even and ignore r.
 template <int T> struct Param;
 template <> struct Param<kFloat32> {
   using storage = float;
   using compute = float;
   static ADAML_HD float load(float x) { return x; }
-  static ADAML_HD float store(float x) { return x; }
+  static ADAML_HD float store(float x, uint32_t, bool) { return x; }
 };
 template <> struct Param<kFloat64> {
   using storage = double;
   using compute = double;
   static ADAML_HD double load(double x) { return x; }
-  static ADAML_HD double store(double x) { return x; }
+  static ADAML_HD double store(double x, uint32_t, bool) { return x; }
 };
 template <> struct Param<kFloat16> {
   using storage = uint16_t;
   using compute = float;
   static ADAML_HD float load(uint16_t x) { return half_to_float(x); }
-  static ADAML_HD uint16_t store(float x) { return float_to_half(x); }  // rounded once, here
+  static ADAML_HD uint16_t store(float x, uint32_t, bool) {
+    return float_to_half(x);  // rounded once, here, to nearest even
+  }
 };
 template <> struct Param<kBFloat16> {
   using storage = uint16_t;
   using compute = float;
   static ADAML_HD float load(uint16_t x) { return bf16_to_float(x); }
-  static ADAML_HD uint16_t store(float x) { return float_to_bf16(x); }  // rounded once, here
+  static ADAML_HD uint16_t store(float x, uint32_t r, bool sr) {  // rounded once, here
+    return sr ? float_to_bf16_stochastic(x, r & 0xFFFFu) : float_to_bf16(x);
+  }
 };
+
+// Largest finite bf16 (0x7F7F): bf16 moments saturate there, so that no rounding reaches inf.
+constexpr float kBFloat16Max = 3.38953138925153547590e+38F;
+
+// A moment dtype: float32 (default), float64 (float64 params) or bf16 (state_dtype=bfloat16).
+// bf16 moments saturate at +-kBFloat16Max before rounding (a NaN stays NaN).
+template <int T> ADAML_HD typename Param<T>::storage store_moment(
+    typename Param<T>::compute x, uint32_t r, bool sr) {
+  if constexpr (T == kBFloat16) {
+    x = x > kBFloat16Max ? kBFloat16Max : (x < -kBFloat16Max ? -kBFloat16Max : x);
+  }
+  return Param<T>::store(x, r, sr);
+}
 
 // A 0-dim tensor's value (loss, lr, grad_scale), read where the tensor lives.
 ADAML_HD double load_scalar(const void* ptr, int type) {
@@ -144,6 +207,41 @@ ADAML_HD double load_scalar(const void* ptr, int type) {
     case kBFloat16: return bf16_to_float(*static_cast<const uint16_t*>(ptr));
     default: return *static_cast<const float*>(ptr);
   }
+}
+
+// Bit patterns of float and double, for branch-free selects.
+template <typename C> struct Bits;
+template <> struct Bits<float> {
+  using type = uint32_t;
+  static ADAML_HD uint32_t of(float x) { return float_to_bits(x); }
+  static ADAML_HD float to(uint32_t b) { return bits_to_float(b); }
+};
+template <> struct Bits<double> {
+  using type = uint64_t;
+  static ADAML_HD uint64_t of(double x) {
+#if defined(__CUDA_ARCH__)
+    return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+    uint64_t b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+#endif
+  }
+  static ADAML_HD double to(uint64_t b) {
+#if defined(__CUDA_ARCH__)
+    return __longlong_as_double(static_cast<long long>(b));
+#else
+    double x;
+    std::memcpy(&x, &b, sizeof x);
+    return x;
+#endif
+  }
+};
+
+// `mask` all ones: a, all zeros: b. Exact (bit for bit, NaN payloads too) and branch-free.
+template <typename C>
+ADAML_HD C select_bits(typename Bits<C>::type mask, C a, C b) {
+  return Bits<C>::to((Bits<C>::of(a) & mask) | (Bits<C>::of(b) & ~mask));
 }
 
 // ----------------------------------------------------------------------------- the update
@@ -165,6 +263,7 @@ template <typename C> struct StepScalars {
   C coef_g2;
   C root_g2;
   bool split_g2;
+  typename Bits<C>::type split_mask;  // split_g2 as a mask (all ones: split), for the SIMD loop
   C coef_eps;   // eps * l
   C step_size;  // lr * sqrt(1 - b2^k) / (1 - b1^k):  m_hat / sqrt(w_hat) = m / sqrt(w) * this / lr
   C weight_decay;
@@ -193,6 +292,7 @@ ADAML_HD StepScalars<C> step_scalars(const Hyper& h, double loss, double f1, dou
   const double big = static_cast<double>(max_finite<C>());
   const double coef = (1.0 - h.beta2) / (h.gamma * ::pow(l, h.phi));  // may be inf
   s.split_g2 = !(coef <= big);
+  s.split_mask = s.split_g2 ? ~typename Bits<C>::type(0) : typename Bits<C>::type(0);
   s.coef_g2 = static_cast<C>(s.split_g2 ? big : coef);
   s.root_g2 = static_cast<C>(::fmin(::sqrt(coef), big));
   s.coef_eps = static_cast<C>(::fmin(h.eps * l, big));
@@ -232,13 +332,35 @@ ADAML_HD double ieee_div(double a, double b) {
 #endif
 }
 
+// The switches of one step as bit masks (all ones: on). Run-time values that the CPU loop
+// applies with bit operations, so that one SIMD loop serves every combination; the result is
+// bitwise what a compiled-in switch gives.
+template <typename C> struct SwitchMasks {
+  using M = typename Bits<C>::type;
+  M l2, decoupled, sign, grad_scale;
+  SwitchMasks() = default;
+  ADAML_HD SwitchMasks(int decay, bool maximize, bool has_grad_scale)
+      : l2(decay == kL2Decay ? ~M(0) : M(0)),
+        decoupled(decay == kDecoupledDecay ? ~M(0) : M(0)),
+        sign(maximize ? M(1) << (8 * sizeof(M) - 1) : M(0)),
+        grad_scale(has_grad_scale ? ~M(0) : M(0)) {}
+};
+
+// How the grad scale is applied: compiled out, compiled in, or selected by SwitchMasks (the CPU
+// kernel compiles it in or out, which saves a division per element without a grad scale).
+enum GradScaleMode : int { kNoGradScale = 0, kGradScale = 1, kGradScaleByMask = 2 };
+
 // SPEC.md steps 3-5 and 7 for one element: p, m, w are updated in place, in the compute type C.
-template <typename C, int kDecay, bool kMaximize, bool kHasGradScale>
-ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s) {
-  if (kMaximize) g = -g;
-  if (kHasGradScale) g = ieee_div(g, s.grad_scale);
-  if (kDecay == kL2Decay) g = g + s.weight_decay * p;
-  if (kDecay == kDecoupledDecay) p = p * s.decay;
+template <typename C, int kScale = kGradScaleByMask>
+ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s,
+                             const SwitchMasks<C>& on) {
+  g = Bits<C>::to(Bits<C>::of(g) ^ on.sign);  // -g if maximize
+  if constexpr (kScale == kGradScale) g = ieee_div(g, s.grad_scale);
+  if constexpr (kScale == kGradScaleByMask) {
+    g = select_bits(on.grad_scale, ieee_div(g, s.grad_scale), g);
+  }
+  g = select_bits(on.l2, g + s.weight_decay * p, g);
+  p = select_bits(on.decoupled, p * s.decay, p);
   m = s.beta1 * m + s.one_minus_beta1 * g;
   // Finite inputs never give NaN (SPEC.md, Precision): g*g is capped so that a zero
   // coefficient cannot meet inf, and w saturates at C's largest value. `x > big ? big : x`
@@ -246,12 +368,89 @@ ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s) {
   constexpr C big = max_finite<C>();
   const C g2 = g * g;
   const C split = (g * s.root_g2) * (g * s.root_g2);
-  const C term = s.split_g2 ? split : s.coef_g2 * (g2 > big ? big : g2);
+  const C term = select_bits(s.split_mask, split, s.coef_g2 * (g2 > big ? big : g2));
   w = s.beta2 * w + term + s.coef_eps;
   w = w > big ? big : w;
   // Computed unconditionally and then selected, so that the loop stays branch-free (SIMD).
   const C quotient = ieee_div(m, ieee_sqrt(w));
   p = p - s.step_size * (w == C(0) ? C(0) : quotient);
+}
+
+// What a bucket's tensors hold: the CPU kernel is compiled for each valid combination, the CUDA
+// kernel for each (PT, MT, kMaster) (it takes GT and kSR at run time).
+//   PT  parameter dtype               GT  gradient dtype (PT, or float32 for fp16/bf16 params)
+//   MT  moment dtype (float32; bf16; float64 for float64 params)
+//   kMaster  a float32 master weight is read instead of p, and written with p (fp16/bf16 PT)
+//   kSR      values stored as bf16 (PT, MT) are rounded stochastically
+template <int PT_, int GT_, int MT_, bool kMaster_, bool kSR_> struct Config {
+  static constexpr int PT = PT_, GT = GT_, MT = MT_;
+  static constexpr bool kMaster = kMaster_, kSR = kSR_;
+  using P = typename Param<PT_>::storage;
+  using G = typename Param<GT_>::storage;
+  using M = typename Param<MT_>::storage;
+  using C = typename Param<PT_>::compute;
+};
+
+// Element j of the arrays end to end: load, update (in C), store each array rounded once. `g`
+// is the loaded gradient, `master` the float32 master weights (read and written only under
+// kMaster), `key` the tensor's tensor_key() and `i` the element's index in the whole parameter
+// (read only when rounding stochastically). Arrays and an index rather than references: GCC
+// vectorizes the CPU loop over them, and the CUDA kernel passes its registers' arrays.
+template <typename Cfg, int kScale = kGradScaleByMask>
+ADAML_HD void step_element(typename Cfg::P* p, typename Cfg::C* master, typename Cfg::C g,
+                           typename Cfg::M* m, typename Cfg::M* w, int64_t j, uint32_t key,
+                           uint64_t i, const StepScalars<typename Cfg::C>& s,
+                           const SwitchMasks<typename Cfg::C>& on, bool sr) {
+  using C = typename Cfg::C;
+  C pc;
+  if constexpr (Cfg::kMaster) {
+    pc = master[j];
+  } else {
+    pc = Param<Cfg::PT>::load(p[j]);
+  }
+  C mc = Param<Cfg::MT>::load(m[j]);
+  C wc = Param<Cfg::MT>::load(w[j]);
+  update_element<C, kScale>(pc, g, mc, wc, s, on);
+  const uint32_t bits = sr ? element_bits(key, i) : 0u;
+  if constexpr (Cfg::kMaster) master[j] = pc;
+  p[j] = Param<Cfg::PT>::store(pc, bits, sr);
+  m[j] = store_moment<Cfg::MT>(mc, bits >> 16, sr);
+  w[j] = store_moment<Cfg::MT>(wc, sr ? exp_avg_sq_bits(bits) : 0u, sr);
+}
+
+// Calls f(Config<...>{}) with the Config of (pt, gt, mt, master, sr); only valid combinations are
+// instantiated (check_step_args has refused the others). sr is dropped where nothing is bf16.
+template <bool kWithFloat64, typename F>
+void dispatch_config(int pt, int gt, int mt, bool master, bool sr, F&& f) {
+  auto moments = [&](auto ptc, auto gtc, auto masterc) {
+    constexpr int P = decltype(ptc)::value, G = decltype(gtc)::value;
+    constexpr bool M = decltype(masterc)::value;
+    if (mt == kBFloat16) {
+      sr ? f(Config<P, G, kBFloat16, M, true>{}) : f(Config<P, G, kBFloat16, M, false>{});
+    } else if (P == kBFloat16 && sr) {  // bf16 params, float32 moments
+      f(Config<P, G, kFloat32, M, P == kBFloat16>{});
+    } else {
+      f(Config<P, G, kFloat32, M, false>{});
+    }
+  };
+  using F32 = std::integral_constant<int, kFloat32>;
+  using Yes = std::true_type;
+  using No = std::false_type;
+  auto half = [&](auto ptc) {
+    if (gt == kFloat32) {
+      master ? moments(ptc, F32{}, Yes{}) : moments(ptc, F32{}, No{});
+    } else {
+      master ? moments(ptc, ptc, Yes{}) : moments(ptc, ptc, No{});
+    }
+  };
+  switch (pt) {
+    case kFloat64:
+      if constexpr (kWithFloat64) f(Config<kFloat64, kFloat64, kFloat64, false, false>{});
+      break;
+    case kFloat16: half(std::integral_constant<int, kFloat16>{}); break;
+    case kBFloat16: half(std::integral_constant<int, kBFloat16>{}); break;
+    default: moments(F32{}, F32{}, No{}); break;
+  }
 }
 
 }  // namespace adaml
@@ -273,23 +472,32 @@ struct KernelTable {
   bool rebuilt = false;  // true when the given table did not point at the given tensors
 };
 
+// The dtype codes of a bucket's tensors, as check_step_args found them.
+struct StepTypes {
+  int param = kFloat32;
+  int grad = kFloat32;
+  int moment = kFloat32;
+  bool master = false;  // master_params given (float32, one per parameter)
+};
+
 // Throws (TORCH_CHECK) unless the arguments of fused_step_ are consistent and of supported
-// dtypes on one device of `device_type`. Returns the parameters' dtype code.
-int check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList steps,
-                    const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
-                    const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
-                    const at::Tensor& loss, const at::Tensor& take,
-                    const std::optional<at::Tensor>& lr_tensor,
-                    const std::optional<at::Tensor>& grad_scale, bool normalize_loss,
-                    c10::DeviceType device_type);
+// dtypes on one device of `device_type`. Returns the bucket's dtypes.
+StepTypes check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList steps,
+                          const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
+                          const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                          const at::Tensor& loss, const at::Tensor& take,
+                          const std::optional<at::Tensor>& lr_tensor,
+                          const std::optional<at::Tensor>& grad_scale, bool normalize_loss,
+                          at::TensorList master_params, c10::DeviceType device_type);
 
 // The given table if rows_host points at exactly these tensors, else a fresh one for them
-// (torch.compile's functionalization passes copies of the mutated tensors). `allow_rebuild`
-// false turns the rebuild into an error (a CUDA graph being captured must not copy from the
-// host).
+// (torch.compile's functionalization passes copies of the mutated tensors); a fresh table takes
+// each tensor's parameter index and element offset from rows_host. `allow_rebuild` false turns
+// the rebuild into an error (a CUDA graph being captured must not copy from the host).
 KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& rows,
+                          at::TensorList exp_avg_sqs, at::TensorList steps,
+                          at::TensorList master_params, const at::Tensor& rows,
                           const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                           bool allow_rebuild);
 
@@ -301,22 +509,24 @@ int scalar_type_code(const at::Tensor& t);
 struct StepLaunch {
   KernelTable table;
   int64_t num_tensors = 0;
-  int param_type = kFloat32;
+  StepTypes types;
   at::Tensor loss, take;
   std::optional<at::Tensor> lr_tensor, grad_scale, initial_loss;
   Hyper hyper;
   int decay_mode = kNoDecay;
   bool maximize = false;
+  bool stochastic_rounding = false;
+  uint64_t seed = 0;
 };
 
-StepLaunch make_launch(KernelTable table, int64_t num_tensors, int param_type,
+StepLaunch make_launch(KernelTable table, int64_t num_tensors, StepTypes types,
                        const at::Tensor& loss, const at::Tensor& take,
                        const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& initial_loss, double lr, double beta1,
                        double beta2, double eps, double gamma, double phi, double loss_offset,
                        double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                       bool maximize);
+                       bool maximize, bool stochastic_rounding, int64_t seed);
 
 void run_cpu_step(const StepLaunch& s);  // adaml_ops.cpp
 

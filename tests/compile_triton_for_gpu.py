@@ -23,16 +23,23 @@ POINTER_TYPES = ("*i64", "*i32", "*fp32", "*fp32", "*fp32", "*fp32", "*fp64")
 FLOATS = ("lr", "beta1", "one_minus_beta1", "log_beta1", "beta2", "one_minus_beta2",
           "log_beta2", "eps", "gamma", "phi_hi", "phi_lo", "loss_offset_hi", "loss_offset_lo",
           "weight_decay")
+INTS = ("seed_lo", "seed_hi")
 
 
 def compile_variant(arch, param, aligned, features):
+    # features on: every switch, and the low-precision modes (bf16 moments, stochastic rounding;
+    # float32 gradients and master weights for half params).
+    half = param in (tl.float16, tl.bfloat16)
     constexprs = dict(
-        PARAM=param, NORMALIZE=features, MAXIMIZE=features, DECAY_MODE=1 if features else 0,
+        PARAM=param, GRAD=tl.float32 if features else param,
+        MOMENT=tl.bfloat16 if features else tl.float32, MASTER=features and half, SR=features,
+        NORMALIZE=features, MAXIMIZE=features, DECAY_MODE=1 if features else 0,
         LR_IS_TENSOR=features, HAS_GRAD_SCALE=features, ALIGNED=aligned, CHUNK=CHUNK,
         COLUMNS=TABLE_COLUMNS, L_MIN=L_MIN,
     )
     signature = dict(zip(POINTERS, POINTER_TYPES))
     signature.update({name: "fp32" for name in FLOATS})
+    signature.update({name: "i32" for name in INTS})
     signature.update({name: "constexpr" for name in constexprs})
     source = triton.compiler.ASTSource(fn=adaml_kernel, signature=signature, constexprs=constexprs)
     ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32),

@@ -3,6 +3,13 @@
 Written straight from the spec, independently of the package's code. Parameters stored in a
 half type are rounded (to nearest, ties to even) on store, as the spec says; everything else
 stays in float64, except that w saturates at the largest finite value of the moment dtype.
+
+The low-precision modes (SPEC.md, Precision; the README's "Low precision" defines the hash):
+a float32 master weight is the float32 rounding of the new value and the stored parameter is
+rounded from it; bf16 moments are rounded on store (the step uses the unrounded values, as the
+kernels do) and saturate at bf16's largest value; under stochastic rounding a value is first
+rounded to float32, then 16 random bits are added to the low half of its bit pattern and the
+result truncated. The hash is written here again, in NumPy, from the README's definition.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import numpy as np
 
 L_MIN = 1e-12
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+BFLOAT16_MAX = 3.3895313892515355e38  # 0x7F7F
 
 # Significand bits (with the implicit one) and smallest subnormal step of each storage type.
 _STORAGE = {"float16": (11, 2.0**-24), "bfloat16": (8, 2.0**-133)}
@@ -27,6 +35,41 @@ def round_to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     _, exponent = np.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
     ulp = np.maximum(np.ldexp(1.0, exponent - bits), smallest)
     return np.round(x / ulp) * ulp  # np.round rounds half to even
+
+
+# ------------------------------------------------------------------------- stochastic rounding
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    x ^= x >> 15
+    return x
+
+
+def random_bits(seed: int, k: int, j: int, n: int, offset: int = 0) -> np.ndarray:
+    """32 bits per element i = offset .. offset + n - 1 of parameter j at step count k."""
+    h = _mix32(np.array([(seed & 0xFFFFFFFF) ^ 0x9E3779B9], dtype=np.uint64))
+    h = _mix32(h ^ np.uint64(seed >> 32))
+    h = _mix32(h ^ np.uint64(k))
+    key = _mix32(h ^ np.uint64(j))
+    i = np.arange(offset, offset + n, dtype=np.uint64)
+    return _mix32(_mix32(key ^ (i & np.uint64(0xFFFFFFFF))) ^ (i >> np.uint64(32)))
+
+
+def round_bf16_stochastic(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """float64 -> float32 (nearest) -> bf16 by adding the low 16 of `bits` and truncating."""
+    raw = np.asarray(x, dtype=np.float64).astype(np.float32).view(np.uint32).astype(np.uint64)
+    out = ((raw + (bits & np.uint64(0xFFFF))) >> np.uint64(16)) << np.uint64(16)
+    return out.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def store(x: np.ndarray, dtype: str, bits: np.ndarray | None) -> np.ndarray:
+    if bits is not None and dtype == "bfloat16":
+        return round_bf16_stochastic(x, bits)
+    return round_to_storage(x, dtype)
 
 
 @dataclass
@@ -56,6 +99,9 @@ class ParamState:
     w: np.ndarray = None
     k: int = 0
     storage: str = "float32"
+    moments: str = "float32"  # the moments' storage: float32, bfloat16 (or float64)
+    master: np.ndarray | None = None  # float32 master weight (master_weights)
+    index: int = 0  # the parameter's index in the optimizer
 
     def __post_init__(self):
         self.m = np.zeros_like(self.p) if self.m is None else self.m
@@ -70,6 +116,8 @@ class Oracle:
     params: list[ParamState] = field(default_factory=list)
     skipped: int = 0
     f1: float = math.nan  # one value for the whole optimizer
+    stochastic_rounding: bool = False
+    seed: int = 0
 
     def step(self, grads: list[np.ndarray | None], loss: float, grad_scale: float | None = None,
              found_inf: bool = False) -> None:
@@ -91,7 +139,7 @@ class Oracle:
             st.k += 1
             # 3.
             g = g.astype(np.float64)
-            p = st.p
+            p = st.p if st.master is None else st.master
             if h.maximize:
                 g = -g
             if grad_scale is not None:
@@ -101,13 +149,29 @@ class Oracle:
             if h.weight_decay > 0 and h.decoupled_weight_decay:
                 p = p * (1 - h.lr * h.weight_decay)
             # 4-5.
-            st.m = h.beta1 * st.m + (1 - h.beta1) * g
-            st.w = h.beta2 * st.w + (1 - h.beta2) * g**2 / (h.gamma * l**h.phi) + h.eps * l
+            m = h.beta1 * st.m + (1 - h.beta1) * g
+            w = h.beta2 * st.w + (1 - h.beta2) * g**2 / (h.gamma * l**h.phi) + h.eps * l
             if st.storage != "float64":  # float32 moments saturate (SPEC.md, Precision)
-                st.w = np.minimum(st.w, FLOAT32_MAX)
+                w = np.minimum(w, FLOAT32_MAX)
             # 6-7.
-            m_hat = st.m / (1 - h.beta1**st.k)
-            w_hat = st.w / (1 - h.beta2**st.k)
+            m_hat = m / (1 - h.beta1**st.k)
+            w_hat = w / (1 - h.beta2**st.k)
             with np.errstate(divide="ignore", invalid="ignore"):
                 quotient = np.where(w_hat == 0, 0.0, m_hat / np.sqrt(w_hat))
-            st.p = round_to_storage(p - h.lr * quotient, st.storage)
+            p = p - h.lr * quotient
+            # Each value rounded once on store (stochastically where it is stored as bf16).
+            bits = None
+            if self.stochastic_rounding:
+                bits = random_bits(self.seed, st.k, st.index, p.size).reshape(p.shape)
+            if st.master is not None:
+                st.master = round_to_storage(p, "float32")
+                p = st.master
+            st.p = store(p, st.storage, bits)
+            m_bits = w_bits = None
+            if bits is not None:
+                m_bits, w_bits = bits >> np.uint64(16), _mix32(bits ^ np.uint64(0x6A09E667))
+            if st.moments == "bfloat16":
+                m = np.clip(m, -BFLOAT16_MAX, BFLOAT16_MAX)
+                w = np.minimum(w, BFLOAT16_MAX)
+            st.m = m if st.moments != "bfloat16" else store(m, "bfloat16", m_bits)
+            st.w = w if st.moments != "bfloat16" else store(w, "bfloat16", w_bits)

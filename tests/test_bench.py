@@ -43,8 +43,10 @@ def test_cli_writes_json_rows_with_the_required_keys(smoke_run):
                     "vs_torch_fused"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
-        assert r["dtype"] == "float32" and r["bytes_per_param"] == 28
-        assert r["bytes_moved"] == 28 * r["n_params"]
+        # float32: 28 B/param, 20 B/param with bf16 moments (modes bf16m, bf16m+sr)
+        assert r["dtype"] == "float32"
+        assert r["bytes_per_param"] == (20 if (r["mode"] or "").startswith("bf16m") else 28)
+        assert r["bytes_moved"] == r["bytes_per_param"] * r["n_params"]
         assert r["n_tensors"] >= 1 and r["reps"] >= 2 and r["sets"] >= 1
 
 
@@ -135,6 +137,46 @@ def test_parse_size_and_labels():
     assert cases.size_label(64 << 20) == "64M" and cases.size_label(1000) == "1000"
 
 
+def test_low_precision_modes_run_where_they_apply(tmp_path):
+    # adaml-bench --dtype bfloat16 measures each mode with its bytes per parameter
+    path = tmp_path / "modes.json"
+    args = SMOKE + ["--sizes", "1000", "--lists", "none", "--dtype", "bf16,fp16,fp32",
+                    "--backends", "cpu,torch_fused", "--json", str(path)]
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("needs the cpu backend")
+    assert cli.main(args) == 0
+    rows = json.loads(path.read_text())
+    got = {(r["dtype"], r["backend"]): r["bytes_per_param"] for r in _measured(rows)}
+    assert got == {
+        ("bfloat16", "cpu"): 22, ("bfloat16", "cpu+sr"): 22, ("bfloat16", "cpu+master"): 28,
+        ("bfloat16", "cpu+bf16m"): 14, ("bfloat16", "cpu+bf16m+sr"): 14,
+        ("bfloat16", "cpu+master+bf16m+sr"): 20, ("bfloat16", "torch_fused"): 14,
+        ("float16", "cpu"): 22, ("float16", "cpu+master"): 28, ("float16", "cpu+bf16m"): 14,
+        ("float16", "cpu+master+bf16m+sr"): 20, ("float16", "torch_fused"): 14,
+        ("float32", "cpu"): 28, ("float32", "cpu+bf16m"): 20, ("float32", "cpu+bf16m+sr"): 20,
+        ("float32", "torch_fused"): 28,
+    }
+    assert {r["mode"] for r in rows if r["backend"].startswith("cpu")} == {
+        "default", "sr", "master", "bf16m", "bf16m+sr", "master+bf16m+sr"}
+    path2 = tmp_path / "default.json"
+    assert cli.main(args[:-1] + [str(path2), "--modes", "default"]) == 0
+    assert {r["backend"] for r in json.loads(path2.read_text())} == {"cpu", "torch_fused"}
+
+
+def test_mode_goals_scale_with_bytes():
+    rows = [
+        dict(case="16M", dtype="float32", backend="torch_fused", mode=None, median_ms=10.0,
+             bytes_per_param=28, vs_torch_fused=1.0),
+        dict(case="16M", dtype="float32", backend="cpu+bf16m", mode="bf16m", median_ms=7.0,
+             bytes_per_param=20, vs_torch_fused=0.70),
+        dict(case="16M", dtype="float32", backend="cpu+bf16m+sr", mode="bf16m+sr",
+             median_ms=9.0, bytes_per_param=20, vs_torch_fused=0.90),
+    ]
+    lines = goals.mode_goal_lines(rows)
+    assert lines[0].startswith("PASS  cpu+bf16m time / torch fused <= 1.05 x bytes 20/28")
+    assert lines[1].startswith("FAIL  cpu+bf16m+sr") and "limit 0.750" in lines[1]
+
+
 def test_traffic_model_and_rotation():
     assert contenders.traffic_per_param("adaml", torch.float32) == 28
     assert contenders.traffic_per_param("adaml", torch.bfloat16) == 22
@@ -147,7 +189,7 @@ def test_traffic_model_and_rotation():
 
 def test_bad_arguments_exit_with_usage_error():
     for args in (["--sizes", "lots"], ["--dtype", "int8"], ["--lists", "resnet"],
-                 ["--backends", "sgd"]):
+                 ["--backends", "sgd"], ["--modes", "fp8"]):
         with pytest.raises(SystemExit) as info:
             cli.main(["--device", "cpu", "--smoke"] + args)
         assert info.value.code == 2

@@ -159,3 +159,29 @@ def test_verdict_rule():
     assert verdict([0.9, 0.91, 0.92], [0.80, 0.81, 0.82], higher_is_better=True) == "win"
     assert verdict([0.9, 0.91, 0.92], [0.80, 0.81, 0.82], higher_is_better=False) == "loss"
     assert verdict([0.9, 0.95, 0.85], [0.89, 0.9, 0.91], higher_is_better=True) == "tie"
+
+
+def test_precision_quick_writes_its_page(tmp_path):
+    from adaml_kernels.experiments import precision
+
+    js = tmp_path / "precision.json"
+    argv = ["precision", "--quick", "--seeds", "2", "--json", str(js), "--page", str(tmp_path)]
+    assert cli.main(argv) == 0
+    r = json.loads(js.read_text())
+    assert list(r["by_lr"]) == ["0.001"]
+    runs = r["by_lr"]["0.001"]
+    assert set(runs) == set(precision.MODES)
+    for run in runs.values():
+        assert len(run["final_loss"]) == 2 and all(_finite(v) for v in run["final_loss"])
+        assert run["verdict"] in ("same as fp32", "worse than fp32", "better than fp32")
+    # bf16 moments halve the moments' bytes; master weights add a float32 copy
+    assert runs["fp32 + bf16 moments"]["state_bytes"] * 2 == runs["fp32"]["state_bytes"]
+    assert runs["bf16 + master weights"]["state_bytes"] > runs["fp32"]["state_bytes"]
+    walk = r["walk"]
+    assert walk["bf16, round to nearest"]["min"] == walk["bf16, round to nearest"]["max"] == 1.0
+    assert abs(walk["fp32"]["mean"] - 0.9) < 0.01
+    assert abs(walk["bf16 + stochastic rounding"]["mean"] - walk["fp32"]["mean"]) < 0.002
+    page = (tmp_path / "precision.md").read_text()
+    assert page.startswith("# Low-precision training with AdamL") and "Quick mode" in page
+    assert "](precision.png)" in page and (tmp_path / "precision.png").stat().st_size > 1000
+    assert page.count("| bf16 + master weights |") == 2  # the walk table and the LSTM table

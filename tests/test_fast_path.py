@@ -173,3 +173,24 @@ def test_a_loss_on_another_device_or_a_closure_takes_the_general_path(backend, m
     set_grads(params, 2)
     opt.step(torch.tensor(1, device=params[0].device))  # an integer loss
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("options", [
+    dict(stochastic_rounding=True), dict(master_weights=True),
+    dict(state_dtype=torch.bfloat16, stochastic_rounding=True, master_weights=True),
+], ids=["sr", "master", "everything"])
+def test_low_precision_modes_agree_bitwise_on_both_paths(backend, options):
+    device = device_of(backend)
+    runs = []
+    for cls in (AdamL, GeneralOnly):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g).to(device, torch.bfloat16).requires_grad_()
+                  for s in ((3, 4), (2049,), (5,))]
+        opt = cls(params, lr=0.01, backend=backend, seed=7, **options)
+        for k in range(4):
+            set_grads(params, k)
+            opt.step(torch.tensor([1.5, 1.2, math.nan, 1.1][k], device=device))
+        runs.append((params, opt))
+    (a, opt_a), (b, opt_b) = runs
+    assert_same(a, b, opt_a, opt_b)

@@ -48,3 +48,16 @@ def allowed_error(dtype: torch.dtype, reference_error: float) -> float:
 
 def allowed_mismatch(reference_mismatch: float) -> float:
     return MISMATCH_FACTOR * reference_mismatch + MISMATCH_FLOOR
+
+# Stochastic rounding's statistics (tests/test_precision.py): the mean rounding error and the
+# mean squared error over many elements, as z-scores against what exact stochastic rounding
+# gives (a sum of independent Bernoulli trials). |z| < 5 fails a correct rounding about once in
+# 1.7 million runs; round-to-nearest and truncation at f = 0.3 give |z| = 0.65 sqrt(n): 42 for the
+# 4,096 elements of the Triton interpreter's runs, 168 for 65,536.
+SR_MAX_Z = 5.0
+
+# float32 parameters stepped with bf16 moments (state_dtype=torch.bfloat16): where float32 and
+# float64 round a moment to neighbouring bf16 values (a few elements per thousand and step), the
+# parameter's step differs by up to 2^-8 of itself, lr * 2^-8 ~ 4e-5 with the tests' lr = 1e-2,
+# and that difference stays. Half-type parameters keep their own, coarser bounds above.
+REFERENCE_BOUND_WITH_BF16_MOMENTS = {torch.float32: 1e-4}

@@ -1,8 +1,8 @@
 """adaml-bench: AdamL's backends against torch.optim.Adam (fused and foreach), side by side.
 
     adaml-bench [--device cpu|cuda] [--quick] [--sizes 1M,4M,16M] [--dtype float32,bfloat16]
-                [--lists gpt2,many_small] [--json PATH] [--plot PATH] [--memory-check]
-                [--host-overhead [COUNTS]] [--fsdp [RANKS]]
+                [--lists gpt2,many_small] [--modes all|default|sr,master,...] [--json PATH]
+                [--plot PATH] [--memory-check] [--host-overhead [COUNTS]] [--fsdp [RANKS]]
     python -m adaml_kernels.bench ...
 
 Every available AdamL backend (the reference included) and torch.optim.Adam with fused=True and
@@ -13,10 +13,17 @@ and two realistic parameter lists (GPT-2 small: 148 tensors, 124M parameters; ma
 that as a percentage of a device copy measured in the same run on buffers of the same traffic,
 and its time relative to torch's fused Adam.
 
+Each fused AdamL backend also runs in AdamL's low-precision modes (modes.py: sr, master, bf16m,
+bf16m+sr, master+bf16m+sr), each for the parameter dtypes it concerns, as rows named e.g.
+"cpu+master"; --modes default leaves them out.
+
 Traffic model (bytes per parameter and step; every array is read once and written once):
     AdamL          read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq.
                    Moments are float32 whatever the parameter dtype (float64 for float64), so
                    3 * param_bytes + 4 * 4:  float32 28 B, bfloat16/float16 22 B.
+                   With master weights the float32 copy is read instead of the parameter and
+                   written besides it (+8 B - 2 B); bf16 moments take 2 B each instead of 4:
+                   bf16 params: master 28 B, bf16m 14 B, master+bf16m 20 B; float32: bf16m 20 B.
     torch Adam     the same arrays, with moments in the parameter dtype: 7 * param_bytes:
                    float32 28 B, bfloat16/float16 14 B.
 The copy baseline, dst.copy_(src) on float32 buffers whose copy moves the bytes of an AdamL step
@@ -41,9 +48,10 @@ at every step, one thread, and reports microseconds per step and per tensor. The
 
 `run_benchmark`, `run_memory_check`, `run_host_overhead` and `run_fsdp` are the programmatic entry points;
 `main` (cli.py) is the CLI. Modules: cases (workloads), contenders (what is compared, traffic
-model), timing (timer, policy, rotation sets), environment (machine facts), params (parameter
-sets), rows (the row each measurement fills), run (running the cases), host_overhead, fsdp, memory
-(peak-memory check), goals, report (header, tables, plot, JSON), errors, cli.
+model), modes (AdamL's low-precision modes), timing (timer, policy, rotation sets), environment
+(machine facts), params (parameter sets), rows (the row each measurement fills), run (running
+the cases), host_overhead, fsdp, memory (peak-memory check), goals, report (header, tables, plot,
+JSON), errors, cli.
 """
 
 from .cli import main

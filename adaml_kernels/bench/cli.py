@@ -16,6 +16,7 @@ from .fsdp import format_fsdp_table, fsdp_header_lines, fsdp_ratio_lines, run_fs
 from .goals import goal_lines, host_goal_lines
 from .host_overhead import HOST_COUNTS, SMOKE_COUNTS, run_host_overhead
 from .memory import format_memory_table, run_memory_check
+from .modes import MODES
 from .report import (
     busy_warnings, format_host_table, format_table, header_lines, host_header_lines, write_json,
     write_plot,
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None,
                    help="only these optimizers (comma-separated): reference, triton, cpu, cuda, "
                         "torch_fused, torch_foreach. Default: every available one")
+    p.add_argument("--modes", default="all",
+                   help="AdamL's low-precision modes to run on each fused backend, besides the "
+                        "default (comma-separated): sr, master, bf16m, bf16m+sr, "
+                        "master+bf16m+sr; 'all' (default) or 'default' (none). Each runs only "
+                        "for the dtypes it concerns: e.g. --dtype bfloat16 runs all of them, "
+                        "float32 bf16m and bf16m+sr")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against size")
     p.add_argument("--memory-check", action="store_true",
@@ -103,6 +110,11 @@ def main(argv=None) -> int:
             if DTYPES[t] not in dtypes:
                 dtypes.append(DTYPES[t])
         lists = _parse_list(args.lists, LIST_NAMES, "list")
+        if args.modes.strip().lower() == "all":
+            modes = tuple(MODES)
+        else:
+            modes = ("default",) + tuple(
+                m for m in _parse_list(args.modes, tuple(MODES), "mode") if m != "default")
         wanted = None if args.backends is None else _parse_list(
             args.backends, ADAML_BACKENDS + TORCH_CONTENDERS, "backend")
         counts = None
@@ -132,7 +144,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     if args.memory_check:
-        return _memory_check(args, device, sizes, lists, dtypes, wanted)
+        return _memory_check(args, device, sizes, lists, dtypes, wanted, modes)
     if counts is not None:
         return _host_overhead(args, device, counts, dtypes, wanted, t_start)
     if args.fsdp is not None:
@@ -140,7 +152,7 @@ def main(argv=None) -> int:
 
     cfg = BenchConfig(device, sizes, lists, dtypes, quick=args.quick, smoke=args.smoke,
                       backends=wanted, budget_fraction=args.memory_budget,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, modes=modes)
     if not cfg.sizes and not cfg.lists:
         parser.error("nothing to run: --sizes none and --lists none")
     gc.collect()
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
         gc.unfreeze()
     env = info["env"]
     elapsed = time.perf_counter() - t_start
-    for line in header_lines(info, dtypes, args.quick) + busy_warnings(env, rows):
+    for line in header_lines(info, dtypes, args.quick, modes) + busy_warnings(env, rows):
         print(line)
     for note in info["notes"]:
         print(f"note: {note}")
@@ -221,7 +233,7 @@ def _fsdp(args, device, dtypes, wanted, t_start) -> int:
     return 0 if any(r["median_ms"] is not None for r in rows) else 1
 
 
-def _memory_check(args, device, sizes, lists, dtypes, wanted) -> int:
+def _memory_check(args, device, sizes, lists, dtypes, wanted, modes) -> int:
     if device.type != "cuda":
         print("adaml-bench --memory-check needs a CUDA device (--device cuda); "
               "torch does not track peak CPU allocations", file=sys.stderr)
@@ -229,7 +241,7 @@ def _memory_check(args, device, sizes, lists, dtypes, wanted) -> int:
     cases = sweep_cases(sizes) + list_cases(lists, smoke=args.smoke)
     rows = []
     for dt in dtypes:
-        rows += run_memory_check(device, cases, dt, wanted)
+        rows += run_memory_check(device, cases, dt, wanted, modes=modes)
     env = environment(device)
     print(f"adaml-bench memory check on {env['device_name']} (torch {env['torch_version']}, "
           f"triton {env['triton_version']})")

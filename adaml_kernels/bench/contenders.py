@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -11,6 +11,7 @@ from .. import backends
 from ..buckets import moment_dtype
 from ..optimizer import AdamL
 from .cases import Case
+from .modes import DEFAULT, MODES, Mode
 
 LR = 1e-3
 ADAML_BACKENDS = backends.NAMES  # reference, triton, cpu, cuda
@@ -19,21 +20,31 @@ TORCH_CONTENDERS = ("torch_fused", "torch_foreach")
 
 @dataclass
 class Contender:
-    name: str  # the JSON `backend`: reference, triton, cpu, cuda, torch_fused, torch_foreach
+    # the JSON `backend`: reference, triton, cpu, cuda, torch_fused, torch_foreach, or an AdamL
+    # backend with a low-precision mode, e.g. cpu+master (modes.py)
+    name: str
     family: str  # "adaml", "torch" or "copy"
     make: Callable  # params -> optimizer
     step: Callable  # (optimizer, loss) -> None
+    mode: Mode = field(default=DEFAULT)
+    backend: str = ""  # the AdamL backend ("" for the others)
+
+    def applies(self, dtype: torch.dtype) -> bool:
+        """Whether this contender is measured for parameters of `dtype` (its mode concerns them)."""
+        return self.mode.applies(dtype)
 
     def bytes_per_param(self, dtype: torch.dtype) -> int:
-        return traffic_per_param(self.family, dtype)
+        return traffic_per_param(self.family, dtype, self.mode)
 
     def state_bytes(self, case: Case, dtype: torch.dtype) -> int:
         """Optimizer state of one set of parameters."""
         if self.family == "copy":  # source and destination, traffic / 2 bytes each
             return traffic_per_param("adaml", dtype) * case.n_params + 64
         if self.family == "adaml":
-            ms = elem_size(moment_dtype(dtype))
-            return 2 * ms * case.n_params + 2 * 64 * case.n_tensors + 16 * case.n_tensors
+            ms = self.mode.moment_bytes(dtype)
+            master = 4 * case.n_params + 64 * case.n_tensors if self.mode.master(dtype) else 0
+            return (2 * ms * case.n_params + 2 * 64 * case.n_tensors + 16 * case.n_tensors
+                    + master)
         return 2 * elem_size(dtype) * case.n_params + 8 * case.n_tensors
 
     def scratch_bytes(self, case: Case, dtype: torch.dtype) -> int:
@@ -46,11 +57,10 @@ class Contender:
         return 64 * case.n_tensors + (1 << 20)
 
 
-def traffic_per_param(family: str, dtype: torch.dtype) -> int:
-    ps = elem_size(dtype)
+def traffic_per_param(family: str, dtype: torch.dtype, mode: Mode = DEFAULT) -> int:
     if family in ("adaml", "copy"):
-        return 3 * ps + 4 * elem_size(moment_dtype(dtype))
-    return 7 * ps
+        return mode.traffic(dtype)
+    return 7 * elem_size(dtype)
 
 
 def elem_size(dtype: torch.dtype) -> int:
@@ -75,9 +85,11 @@ def _copy_step(buffers, _loss) -> None:
 COPY = Contender("copy", "copy", _copy_buffers, _copy_step)
 
 
-def adaml_contender(name: str) -> Contender:
+def adaml_contender(name: str, mode: Mode = DEFAULT) -> Contender:
+    label = name if mode is DEFAULT else f"{name}+{mode.name}"
     return Contender(
-        name, "adaml", lambda ps: AdamL(ps, lr=LR, backend=name), lambda opt, loss: opt.step(loss)
+        label, "adaml", lambda ps: AdamL(ps, lr=LR, backend=name, **mode.options),
+        lambda opt, loss: opt.step(loss), mode, name,
     )
 
 
@@ -88,8 +100,13 @@ def torch_adam_contender(name: str) -> Contender:
     )
 
 
-def contenders_for(device: torch.device, wanted=None) -> tuple[list[Contender], list[str]]:
-    """The optimizers to measure on `device`, and notes on the AdamL backends left out."""
+def contenders_for(device: torch.device, wanted=None,
+                   modes=("default",)) -> tuple[list[Contender], list[str]]:
+    """The optimizers to measure on `device`, and notes on the AdamL backends left out.
+
+    Each fused AdamL backend runs in every mode of `modes` (names of modes.MODES); the
+    reference in the default mode only (it is slow). A mode is measured only for the parameter
+    dtypes it concerns (Contender.applies)."""
     notes = []
     available = backends.available_backends(device)
     chosen = []
@@ -102,6 +119,8 @@ def contenders_for(device: torch.device, wanted=None) -> tuple[list[Contender], 
             continue
         if name in available:
             chosen.append(adaml_contender(name))
+            if backends.is_fused(name):
+                chosen += [adaml_contender(name, MODES[m]) for m in modes if m != "default"]
         else:
             reason = backends.unavailable_reason(name, device)
             if device.type in backends.INFO[name].device_types:
@@ -115,11 +134,11 @@ def contenders_for(device: torch.device, wanted=None) -> tuple[list[Contender], 
 def unsupported_reason(c: Contender, dtype: torch.dtype) -> str | None:
     """Why `c` cannot step parameters of `dtype`, or None when it can."""
     if c.family == "adaml":
-        dtypes = backends.INFO[c.name].dtypes
+        dtypes = backends.INFO[c.backend].dtypes
         if dtypes is not None and dtype not in dtypes:
             return f"backend {c.name!r} does not support {dtype}"
     return None
 
 
 def is_fused_adaml(c: Contender) -> bool:
-    return c.family == "adaml" and backends.is_fused(c.name)
+    return c.family == "adaml" and backends.is_fused(c.backend)

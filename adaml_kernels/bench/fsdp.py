@@ -123,10 +123,11 @@ def with_local_loss(contenders: list[Contender]) -> list[Contender]:
     out = []
     for c in contenders:
         out.append(c)
-        if c.family == "adaml":
+        if c.family == "adaml" and c.mode.name == "default":
             out.append(Contender(
                 f"{c.name}{LOCAL_LOSS}", "adaml",
-                lambda ps, b=c.name: AdamL(ps, lr=LR, backend=b, loss_group=None), c.step))
+                lambda ps, b=c.backend: AdamL(ps, lr=LR, backend=b, loss_group=None), c.step,
+                backend=c.backend))
     return out
 
 
@@ -187,8 +188,7 @@ def _time_dtype(cfg: FsdpConfig, device: torch.device, dtype: torch.dtype) -> li
     rows, opts, times = {}, {}, {}
     for c in contenders:
         rows[c.name] = base_row(case, dtype, c, env)
-        base = Contender(c.name.removesuffix(LOCAL_LOSS), c.family, c.make, c.step)
-        why = unsupported_reason(base, dtype)
+        why = unsupported_reason(c, dtype)
         if why is not None:
             rows[c.name]["skipped"] = why
             continue

@@ -18,8 +18,31 @@ def _find(rows, case, backend, dtype="float32"):
     return None
 
 
+def mode_goal_lines(rows: list[dict]) -> list[str]:
+    """Low-precision modes (issue "Low-precision training"): a mode's time relative to torch's
+    fused Adam should follow its bytes relative to Adam's, e.g. float32 parameters with bf16
+    moments move 20 B against 28 B, so they should take at most 1.05 x 20/28 of Adam's time."""
+    out = []
+    for r in rows:
+        if not r.get("mode") or r["mode"] == "default" or r["vs_torch_fused"] is None:
+            continue
+        fused = _find(rows, r["case"], "torch_fused", r["dtype"])
+        if fused is None:
+            continue
+        share = r["bytes_per_param"] / fused["bytes_per_param"]
+        ok = r["vs_torch_fused"] <= 1.05 * share
+        out.append(f"{'PASS' if ok else 'FAIL'}  {r['backend']} time / torch fused <= 1.05 x "
+                   f"bytes {r['bytes_per_param']}/{fused['bytes_per_param']} on {r['case']} "
+                   f"{r['dtype']}: {r['vs_torch_fused']:.3f} (limit {1.05 * share:.3f})")
+    return out
+
+
 def goal_lines(rows: list[dict], device: torch.device) -> list[str]:
     """The issue's performance goals, checked on this run's rows (informative, never fatal)."""
+    return _speed_goal_lines(rows, device) + mode_goal_lines(rows)
+
+
+def _speed_goal_lines(rows: list[dict], device: torch.device) -> list[str]:
     out = []
     cases = sorted({(r["case"], r["dtype"], r["n_params"]) for r in rows}, key=lambda x: x[2])
 

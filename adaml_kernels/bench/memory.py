@@ -14,7 +14,7 @@ from .params import Filler, make_set
 
 
 def run_memory_check(device: torch.device, cases: list[Case], dtype: torch.dtype,
-                     wanted=None, log=print) -> list[dict]:
+                     wanted=None, log=print, modes=("default",)) -> list[dict]:
     """Peak memory one ``opt.step`` allocates beyond what was allocated before it (CUDA only).
 
     Per case and optimizer: one set of parameters, two warm-up steps (state and tables built),
@@ -23,7 +23,8 @@ def run_memory_check(device: torch.device, cases: list[Case], dtype: torch.dtype
     if device.type != "cuda":
         raise RuntimeError("the memory check needs a CUDA device (--device cuda)")
     env = environment(device)
-    contenders, _ = contenders_for(device, wanted)
+    contenders, _ = contenders_for(device, wanted, modes)
+    contenders = [c for c in contenders if c.applies(dtype)]
     rows = []
     loss = torch.tensor(2.0, device=device)
     for case in cases:
@@ -66,16 +67,17 @@ def run_memory_check(device: torch.device, cases: list[Case], dtype: torch.dtype
 
 
 def format_memory_table(rows: list[dict]) -> str:
-    head = f"{'case':<12} {'backend':<14} {'params':>13} {'tensors':>7} {'dtype':<9} " \
+    w = max([14] + [len(r["backend"]) for r in rows])
+    head = f"{'case':<12} {'backend':<{w}} {'params':>13} {'tensors':>7} {'dtype':<9} " \
            f"{'state MB':>10} {'extra peak bytes':>17}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["skipped"]:
             tail = f"  skipped: {r['skipped']}"
-            lines.append(f"{r['case']:<12} {r['backend']:<14} {r['n_params']:>13,} "
+            lines.append(f"{r['case']:<12} {r['backend']:<{w}} {r['n_params']:>13,} "
                          f"{r['n_tensors']:>7} {r['dtype']:<9}{tail}")
         else:
-            lines.append(f"{r['case']:<12} {r['backend']:<14} {r['n_params']:>13,} "
+            lines.append(f"{r['case']:<12} {r['backend']:<{w}} {r['n_params']:>13,} "
                          f"{r['n_tensors']:>7} {r['dtype']:<9} {r['state_bytes'] / 2**20:>10.1f} "
                          f"{r['extra_peak_bytes']:>17,}")
     return "\n".join(lines)

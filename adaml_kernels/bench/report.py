@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 
-from ..buckets import moment_dtype
+import torch
+
 from .cases import size_label
-from .contenders import elem_size, traffic_per_param
+from .contenders import traffic_per_param
+from .modes import DEFAULT, MODES
 
 
-def header_lines(info: dict, dtypes, quick: bool) -> list[str]:
+def header_lines(info: dict, dtypes, quick: bool, modes=("default",)) -> list[str]:
     """What the table's columns mean and how they were measured, and the run's warnings."""
     env = info["env"]
     out = [
@@ -18,7 +20,7 @@ def header_lines(info: dict, dtypes, quick: bool) -> list[str]:
         f"torch {env['torch_version']}, triton {env['triton_version']}, "
         f"Python {env['python_version']}{', quick' if quick else ''}",
         "Traffic model, bytes per parameter and step (each array read once, written once):",
-        traffic_model_text(dtypes),
+        traffic_model_text(dtypes, modes),
         f"Timer: {info['timer']} around each full opt.step (host overhead included), after "
         "warm-up; median and p10-p90 of the timed steps; optimizers and copy interleaved in "
         "turns, each turn led by untimed steps. sets: input sets cycled so the "
@@ -51,16 +53,21 @@ def busy_warnings(env: dict, rows: list[dict]) -> list[str]:
     return out
 
 
-def traffic_model_text(dtypes) -> str:
+def traffic_model_text(dtypes, modes=("default",)) -> str:
+    """Bytes per parameter of AdamL (per low-precision mode) and torch's Adam, per dtype."""
     parts = []
     for dt in dtypes:
         name = str(dt).replace("torch.", "")
-        a, t = traffic_per_param("adaml", dt), traffic_per_param("torch", dt)
-        ps = elem_size(dt)
-        ms = elem_size(moment_dtype(dt))
+        t = traffic_per_param("torch", dt)
+        a = DEFAULT.traffic(dt)
+        moments = "float64" if dt == torch.float64 else "float32"
         parts.append(
-            f"  {name}: AdamL {a} B/param (read {ps}+{ps}+{ms}+{ms}, write {ps}+{ms}+{ms}; "
-            f"moments {str(moment_dtype(dt))[6:]}); torch Adam {t} B/param (moments {name})")
+            f"  {name}: AdamL {a} B/param ({DEFAULT.traffic_text(dt)}; moments {moments}); "
+            f"torch Adam {t} B/param (moments {name})")
+        for m in modes:
+            mode = MODES[m]
+            if m != "default" and mode.applies(dt):
+                parts.append(f"    +{m}: {mode.traffic(dt)} B/param ({mode.traffic_text(dt)})")
     return "\n".join(parts)
 
 
@@ -69,7 +76,8 @@ def fmt(x, spec, none="-"):
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'case':<11} {'backend':<14} {'params':>13} {'tensors':>7} {'dtype':<8} "
+    width = max([14] + [len(r["backend"]) for r in rows])
+    head = (f"{'case':<11} {'backend':<{width}} {'params':>13} {'tensors':>7} {'dtype':<8} "
             f"{'B/p':>3} {'median ms':>10} {'p10-p90 ms':>19} {'host ms':>9} {'GB/s':>7} "
             f"{'%copy':>6} {'x fused':>7} {'sets':>4} {'reps':>4}")
     lines = [head, "-" * len(head)]
@@ -81,8 +89,8 @@ def format_table(rows: list[dict]) -> str:
         if key != previous:
             lines.append(f"# {r['case']}, {r['dtype']}: copy {fmt(r['copy_gbps'], '.1f')} GB/s")
         previous = key
-        left = (f"{r['case']:<11} {r['backend']:<14} {r['n_params']:>13,} {r['n_tensors']:>7} "
-                f"{r['dtype']:<8} {r['bytes_per_param']:>3}")
+        left = (f"{r['case']:<11} {r['backend']:<{width}} {r['n_params']:>13,} "
+                f"{r['n_tensors']:>7} {r['dtype']:<8} {r['bytes_per_param']:>3}")
         if r["skipped"]:
             lines.append(f"{left}  skipped: {r['skipped']}")
             continue

@@ -20,6 +20,7 @@ def base_row(case: Case, dtype: torch.dtype, c: Contender, env: dict) -> dict:
         "case": case.name,
         "kind": case.kind,
         "backend": c.name,
+        "mode": c.mode.name if c.family == "adaml" else None,
         "optimizer": "AdamL" if c.family == "adaml" else "torch.optim.Adam",
         "n_params": case.n_params,
         "n_tensors": case.n_tensors,

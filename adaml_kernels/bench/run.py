@@ -102,7 +102,9 @@ def release(timer: Timer, collect: bool = True) -> None:
 
 def run_case(case, dtype, device, contenders, policy, timer, env, budget_fraction,
              cache_bytes, progress=None, log=print, seed=0) -> list[dict]:
-    """Measure every contender on `case`; one row each (skipped rows carry the reason)."""
+    """Measure every contender on `case`; one row each (skipped rows carry the reason). A
+    contender whose low-precision mode does not concern `dtype` has no row."""
+    contenders = [c for c in contenders if c.applies(dtype)]
     rows = {c.name: base_row(case, dtype, c, env) for c in contenders}
     todo = []
     for c in contenders:
@@ -212,6 +214,7 @@ class BenchConfig:
     quick: bool = False
     smoke: bool = False
     backends: list[str] | None = None  # None: all available
+    modes: tuple = ("default",)  # AdamL's low-precision modes (modes.py) for fused backends
     budget_fraction: float | None = None  # of free memory; None: 0.4 on CPU, 0.85 on GPU
     progress: bool = True
     seed: int = 0
@@ -236,13 +239,14 @@ def run_benchmark(cfg: BenchConfig, log=None) -> tuple[list[dict], dict]:
     """Run every case for every dtype. Returns (rows, info): info has env, notes, the model."""
     device = cfg.device
     env = environment(device)
-    contenders, notes = contenders_for(device, cfg.backends)
+    contenders, notes = contenders_for(device, cfg.backends, cfg.modes)
     policy = make_policy(device, cfg.quick, cfg.smoke)
     timer = Timer(device)
     cache = last_level_cache_bytes(device)
     frac = cfg.budget_fraction or (0.85 if device.type == "cuda" else 0.4)
     cases = build_cases(cfg)
-    total = len(cases) * len(cfg.dtypes) * (len(contenders) + 1)
+    total = len(cases) * sum(len([c for c in contenders if c.applies(dt)]) + 1
+                             for dt in cfg.dtypes)
     bar = _progress_bar(total, cfg.progress)
 
     def _log(msg):
@@ -267,6 +271,8 @@ def run_benchmark(cfg: BenchConfig, log=None) -> tuple[list[dict], dict]:
                 except Exception as e:  # one broken case must not lose the others' numbers
                     log(f"error: {case.name} {dtype}: {reason(e)}")
                     for c in contenders:
+                        if not c.applies(dtype):
+                            continue
                         row = base_row(case, dtype, c, env)
                         row["skipped"] = f"the case failed: {reason(e)}"
                         rows.append(row)

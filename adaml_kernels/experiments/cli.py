@@ -5,6 +5,8 @@
     adaml-experiments lstm      ...   (--no-sweep is accepted and changes nothing)
     adaml-experiments wgan      ...
     adaml-experiments report [--quick] [--seeds N] [--docs DIR] [--json-dir DIR]
+    adaml-experiments precision [--quick] [--seeds N] [--json PATH] [--plot PATH] [--page DIR]
+                                (low-precision training; --page docs writes docs/precision.md)
 
 --plot PATH writes PATH and, where there is a gamma x phi sweep, PATH_sweep.png beside it.
 """
@@ -103,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", metavar="PATH", help="write the results as JSON")
         p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
         p.add_argument("--no-sweep", action="store_true", help="skip the gamma x phi sweep")
+    p = sub.add_parser("precision", help="the char LSTM in fp32, bf16 (round to nearest, "
+                       "stochastic rounding, master weights) and with bf16 moments")
+    _common_options(p)
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
+    p.add_argument("--page", metavar="DIR", help="write DIR/precision.md and DIR/precision.png")
     p = sub.add_parser("report", help="run every experiment and write DIR/results.md")
     _common_options(p)
     p.add_argument("--docs", default="docs", metavar="DIR", help="results.md and PNGs (docs)")
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         report.build(args.docs, args.json_dir, quick=args.quick, seeds=seeds, command=command)
         return 0
 
+    if args.command == "precision":
+        return _precision(args, seeds, argv)
+
     result = run_experiment(args.command, args.quick, seeds, sweep=not args.no_sweep)
     if args.json:
         write_json(result, args.json)
@@ -129,6 +140,31 @@ def main(argv: list[str] | None = None) -> int:
         for path in EXPERIMENTS[args.command].plot(result, args.plot):
             print(f"wrote {path}")
     print(summary(args.command, result))
+    return 0
+
+
+def _precision(args, seeds: int, argv) -> int:
+    from . import precision, precision_page
+
+    start = time.perf_counter()
+    result = precision.run(quick=args.quick, seeds=seeds)
+    result["meta"] = {"experiment": "precision", "quick": args.quick,
+                      "seconds": time.perf_counter() - start, "machine": machine()}
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        for path in precision.plot(result, args.plot):
+            print(f"wrote {path}")
+    if args.page:
+        command = "adaml-experiments " + " ".join(sys.argv[1:] if argv is None else argv)
+        for path in precision_page.write(result, args.page, command):
+            print(f"wrote {path}")
+    print(f"precision: {result['meta']['seconds']:.1f} s")
+    for lr, runs in result["by_lr"].items():
+        for name, r in runs.items():
+            m, s = r["final_loss_mean_std"]
+            print(f"  lr {float(lr):g}  {name:28s} final loss {m:.4f} ± {s:.4f}  "
+                  f"({r['vs_fp32']:+.4f} vs fp32, {r['verdict']})")
     return 0
 
 
