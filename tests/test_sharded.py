@@ -93,11 +93,11 @@ def tp_parity(rank, world, backend):
     return full_params(model), placements
 
 
-def sharded_model():
+def sharded_model(dtype=torch.float64):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = mlp(torch.float64)
+    model = mlp(dtype)
     fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     return model
 
@@ -144,11 +144,25 @@ def dcp_round_trips(rank, world, out_dir):
     return results
 
 
+LOW_PRECISION = dict(stochastic_rounding=True, master_weights=True, state_dtype=torch.bfloat16,
+                     seed=3)
+
+
+def fsdp_low_precision(rank, world):
+    """bf16 parameters in every low-precision mode; every rank sees the whole batch, so the run
+    must be bitwise one process's: stochastic rounding by positions in the whole parameter."""
+    model = sharded_model(torch.bfloat16)
+    opt = AdamL(model.parameters(), **KWARGS, **LOW_PRECISION)
+    train(model, opt, *batch(torch.bfloat16))
+    return full_params(model)
+
+
 def worker(rank, world, out_dir):
     results = {
         "fsdp": {(b, str(dt)): fsdp_parity(rank, world, b, dt) for b, dt in CASES},
         "tp": {b: tp_parity(rank, world, b) for b in adaml_kernels.available_backends("cpu")},
         "dcp": dcp_round_trips(rank, world, out_dir),
+        "low_precision": fsdp_low_precision(rank, world),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
@@ -204,6 +218,14 @@ def test_tensor_parallel_matches_one_process(ranks, backend):
     opt = AdamL(model.parameters(), backend=backend, **KWARGS)
     train(model, opt, *batch())
     assert normwise(params, full_params(model)) <= PARITY_BOUND[torch.float32]
+
+
+def test_fsdp2_low_precision_modes_round_as_one_process_bitwise(ranks):
+    model = mlp(torch.bfloat16)
+    opt = AdamL(model.parameters(), **KWARGS, **LOW_PRECISION)
+    train(model, opt, *batch(torch.bfloat16))
+    for r in ranks[0]:
+        assert all(torch.equal(a, b) for a, b in zip(r["low_precision"], full_params(model)))
 
 
 def test_dcp_state_of_a_fresh_optimizer_changes_nothing(ranks):
