@@ -6,9 +6,10 @@ The update is exactly docs/SPEC.md (summarised in the README); the low-precision
 "Low precision") are there too: bf16 moments (pass bf16 exp_avgs/exp_avg_sqs), float32 master
 weights (master_params=) and stochastic rounding (stochastic_rounding=, seed=, param_indices=).
 The loss is never read on the host, and the call never waits for the device: whether the step
-is taken is decided on the device, and the pointer tables reach it by non-blocking copies. Each call builds its buckets and
-tables anew, so the call cannot be captured in a CUDA graph (a capture cannot copy from the
-host); the AdamL optimizer keeps its tables between steps and can be captured.
+is taken is decided on the device, and the pointer tables reach it by non-blocking copies. Each
+call builds its buckets and tables anew, so the call cannot be captured in a CUDA graph (a
+capture cannot copy from the host); the AdamL optimizer keeps its tables between steps and can
+be captured.
 """
 
 from __future__ import annotations

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 from itertools import chain
 
 import torch
 import torch.optim.optimizer as _optim_module
 
 from . import backends, loss as losses, plan as planning
-from .buckets import moment_dtype
 from .fast_path import FALLBACK, FastPath
 from .hyperparams import DEFAULTS, Hyperparams, validate_group
 from .loss import StepInputs
 from .precision import MASTER_KEY, Precision
+from .state import TrackedState, copy_out, first_value, hooks_held, import_param_state
 from .tensor_checks import check_param
 
 
@@ -109,7 +106,7 @@ class AdamL(torch.optim.Optimizer):
         self._skipped: torch.Tensor | None = None
         self._initial_loss: torch.Tensor | None = None
         super().__init__(params, defaults)
-        self.state = _TrackedState(self.state)
+        self.state = TrackedState(self.state)
 
     def _reset_runtime(self) -> None:
         """Forget plans, flat-buffer records and pending losses (none of them is saved)."""
@@ -139,7 +136,7 @@ class AdamL(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.state = _TrackedState(self.state)
+        self.state = TrackedState(self.state)
         # Only AdamL's own keys: torch's __setstate__ adds "differentiable" to the defaults,
         # which must not reach the groups (it would change the saved schema).
         for group in self.param_groups:  # e.g. groups loaded from a torch.optim.Adam checkpoint
@@ -177,7 +174,7 @@ class AdamL(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """As torch.optim.Adam's, with each state tensor copied out of the flat buffers."""
         sd = super().state_dict()
-        sd["state"] = {k: _copy_out(v) for k, v in sd["state"].items()}
+        sd["state"] = {k: copy_out(v) for k, v in sd["state"].items()}
         if self.precision.stochastic_rounding:
             sd["adaml"] = {"seed": self.precision.seed}
         return sd
@@ -210,22 +207,22 @@ class AdamL(torch.optim.Optimizer):
         imported = {}
         for key, st in state_dict["state"].items():
             if key in id_map:
-                imported[id_map[key]] = _import_param_state(
+                imported[id_map[key]] = import_param_state(
                     id_map[key], st, self.precision.state_dtype)
             else:  # torch.optim keeps state that belongs to no parameter as it is
                 imported[key] = st
         device = self._home_device()
         shared = {
-            "initial_loss": _first_value(imported.values(), "initial_loss", device),
+            "initial_loss": first_value(imported.values(), "initial_loss", device),
             # (checkpoints before the count moved into the state kept it beside it)
-            "skipped_steps": _first_value(imported.values(), "skipped_steps", device)
+            "skipped_steps": first_value(imported.values(), "skipped_steps", device)
             if "skipped_steps" not in state_dict.get("adaml", {}) else
             state_dict["adaml"]["skipped_steps"].to(device, torch.float64, copy=True),
         }
         seed = state_dict.get("adaml", {}).get("seed")
         if seed is not None:
             self.precision = dataclasses.replace(self.precision, seed=int(seed))
-        with _hooks_held(self):
+        with hooks_held(self):
             super().load_state_dict({**state_dict, "state": {}})
         self.state.update(imported)
         self._initial_loss, self._skipped = shared["initial_loss"], shared["skipped_steps"]
@@ -442,116 +439,6 @@ class AdamL(torch.optim.Optimizer):
             self._skipped += 1
         else:  # skipped += 1 - take, in place on the device
             self._skipped.sub_(losses.move(take, self._skipped.device)).add_(1)
-
-
-class _TrackedState(defaultdict):
-    """torch.optim's state (a defaultdict(dict)) that counts entries set or deleted, so that a
-    step notices `del opt.state[p]` or `opt.state[p] = {...}` and lays the state out anew.
-    (A tensor replaced inside an entry, `opt.state[p]["exp_avg"] = t`, is not seen: modify state
-    tensors in place.)"""
-
-    def __init__(self, items=()):
-        super().__init__(dict, items)
-        self.version = 0
-
-    def __setitem__(self, key, value):
-        self.version += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        self.version += 1
-        super().__delitem__(key)
-
-    def pop(self, *args):
-        self.version += 1
-        return super().pop(*args)
-
-    def popitem(self):
-        self.version += 1
-        return super().popitem()
-
-    def clear(self):
-        self.version += 1
-        super().clear()
-
-    def update(self, *args, **kwargs):
-        self.version += 1
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key, default=None):
-        self.version += 1
-        return super().setdefault(key, default)
-
-    def __reduce__(self):  # pickles as the defaultdict torch.optim expects
-        return (defaultdict, (dict,), None, None, iter(self.items()))
-
-    def __deepcopy__(self, memo):
-        import copy
-
-        out = _TrackedState()
-        memo[id(self)] = out
-        for k, v in self.items():
-            dict.__setitem__(out, copy.deepcopy(k, memo), copy.deepcopy(v, memo))
-        return out
-
-
-@contextmanager
-def _hooks_held(opt: torch.optim.Optimizer):
-    """Run torch.optim's load_state_dict without its hooks (AdamL runs them itself)."""
-    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
-    opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
-    opt._optimizer_load_state_dict_post_hooks = OrderedDict()
-    try:
-        yield
-    finally:
-        opt._optimizer_load_state_dict_pre_hooks = pre
-        opt._optimizer_load_state_dict_post_hooks = post
-
-
-def _copy_out(value):
-    """A saved copy of a state value: tensors cloned out of the flat buffers, the rest as is."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _copy_out(v) for k, v in value.items()}
-    return value
-
-
-def _import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
-    """A saved per-parameter state (AdamL's or torch.optim.Adam's) on p's device, AdamL dtypes."""
-    if not isinstance(saved, dict):
-        return saved
-    mdt = moment_dtype(p.dtype, state_dtype)
-    out = {}
-    for key, value in saved.items():
-        if key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
-                )
-            dtype = torch.float32 if key == MASTER_KEY else mdt
-            value = value.to(device=p.device, dtype=dtype, copy=True)
-        elif key == "step":
-            value = torch.as_tensor(value, dtype=torch.float32).to(p.device, copy=True)
-        elif key in ("initial_loss", "skipped_steps"):
-            value = torch.as_tensor(value, dtype=torch.float64).to(p.device, copy=True)
-        elif isinstance(value, torch.Tensor):
-            value = value.to(p.device, copy=True)  # e.g. Adam's max_exp_avg_sq, kept as is
-        out[key] = value
-    return out
-
-
-def _first_value(states, key: str, device: torch.device) -> torch.Tensor | None:
-    """An optimizer-wide value (f_1, the skip count) from loaded per-parameter states: the
-    first that is set (every AdamL state holds the same one; older checkpoints kept f_1 per
-    parameter)."""
-    found = None
-    for st in states:
-        if isinstance(st, dict) and key in st:
-            value = float(st[key])
-            if found is None or (math.isnan(found) and not math.isnan(value)):
-                found = value
-    return None if found is None else torch.tensor(found, dtype=torch.float64).to(device)
 
 
 def _every_lr_is_zero(groups) -> bool:

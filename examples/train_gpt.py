@@ -181,8 +181,10 @@ def main(argv=None) -> dict:
     tokens = args.batch_size * args.seq_len  # global, per step
     if rank0:
         print(f"GPT {n_params / 1e6:.2f}M params, {args.layers} layers, d_model {args.d_model}; "
-              f"device {device}, mesh {None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
-              f"compile {not args.no_compile}, bf16 autocast {not args.no_amp}; steps {start}->{args.steps}")
+              f"device {device}, "
+              f"mesh {None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
+              f"compile {not args.no_compile}, bf16 autocast {not args.no_amp}; "
+              f"steps {start}->{args.steps}")
 
     bar = None
     if rank0 and not args.no_bar:

@@ -22,8 +22,8 @@ from ranks import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_gpt.py")
-TINY = ["--device", "cpu", "--d-model", "32", "--layers", "2", "--seq-len", "32", "--batch-size", "8",
-        "--no-compile", "--no-bar", "--log-every", "1000"]
+TINY = ["--device", "cpu", "--d-model", "32", "--layers", "2", "--seq-len", "32",
+        "--batch-size", "8", "--no-compile", "--no-bar", "--log-every", "1000"]
 N, K = 6, 3  # uninterrupted N steps; K steps, save, resume to N
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")

@@ -46,12 +46,12 @@ The host-overhead case (host_overhead.py) steps many one-element tensors whose g
 at every step, one thread, and reports microseconds per step and per tensor. The FSDP2 case
 (fsdp.py) starts its own ranks and times opt.step on a model sharded with fully_shard.
 
-`run_benchmark`, `run_memory_check`, `run_host_overhead` and `run_fsdp` are the programmatic entry points;
-`main` (cli.py) is the CLI. Modules: cases (workloads), contenders (what is compared, traffic
-model), modes (AdamL's low-precision modes), timing (timer, policy, rotation sets), environment
-(machine facts), params (parameter sets), rows (the row each measurement fills), run (running
-the cases), host_overhead, fsdp, memory (peak-memory check), goals, report (header, tables, plot,
-JSON), errors, cli.
+`run_benchmark`, `run_memory_check`, `run_host_overhead` and `run_fsdp` are the programmatic
+entry points; `main` (cli.py) is the CLI. Modules: cases (workloads), contenders (what is
+compared, traffic model), modes (AdamL's low-precision modes), timing (timer, policy, rotation
+sets), environment (machine facts), params (parameter sets), rows (the row each measurement
+fills), run (running the cases), host_overhead, fsdp, memory (peak-memory check), goals, report
+(header, tables, plot, JSON), errors, cli.
 """
 
 from .cli import main

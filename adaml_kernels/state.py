@@ -1,0 +1,123 @@
+"""The optimizer's state as torch.optim keeps it: a state dict that notices entries set or
+deleted, copies of state taken out of the flat buffers, and saved states brought back in."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from .buckets import moment_dtype
+from .precision import MASTER_KEY
+
+
+class TrackedState(defaultdict):
+    """torch.optim's state (a defaultdict(dict)) that counts entries set or deleted, so that a
+    step notices `del opt.state[p]` or `opt.state[p] = {...}` and lays the state out anew.
+    (A tensor replaced inside an entry, `opt.state[p]["exp_avg"] = t`, is not seen: modify state
+    tensors in place.)"""
+
+    def __init__(self, items=()):
+        super().__init__(dict, items)
+        self.version = 0
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.version += 1
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.version += 1
+        return super().popitem()
+
+    def clear(self):
+        self.version += 1
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self.version += 1
+        return super().setdefault(key, default)
+
+    def __reduce__(self):  # pickles as the defaultdict torch.optim expects
+        return (defaultdict, (dict,), None, None, iter(self.items()))
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        out = TrackedState()
+        memo[id(self)] = out
+        for k, v in self.items():
+            dict.__setitem__(out, copy.deepcopy(k, memo), copy.deepcopy(v, memo))
+        return out
+
+
+@contextmanager
+def hooks_held(opt: torch.optim.Optimizer):
+    """Run torch.optim's load_state_dict without its hooks (AdamL runs them itself)."""
+    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
+    opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    opt._optimizer_load_state_dict_post_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks = pre
+        opt._optimizer_load_state_dict_post_hooks = post
+
+
+def copy_out(value):
+    """A saved copy of a state value: tensors cloned out of the flat buffers, the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: copy_out(v) for k, v in value.items()}
+    return value
+
+
+def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
+    """A saved per-parameter state (AdamL's or torch.optim.Adam's) on p's device, AdamL dtypes."""
+    if not isinstance(saved, dict):
+        return saved
+    mdt = moment_dtype(p.dtype, state_dtype)
+    out = {}
+    for key, value in saved.items():
+        if key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
+                )
+            dtype = torch.float32 if key == MASTER_KEY else mdt
+            value = value.to(device=p.device, dtype=dtype, copy=True)
+        elif key == "step":
+            value = torch.as_tensor(value, dtype=torch.float32).to(p.device, copy=True)
+        elif key in ("initial_loss", "skipped_steps"):
+            value = torch.as_tensor(value, dtype=torch.float64).to(p.device, copy=True)
+        elif isinstance(value, torch.Tensor):
+            value = value.to(p.device, copy=True)  # e.g. Adam's max_exp_avg_sq, kept as is
+        out[key] = value
+    return out
+
+
+def first_value(states, key: str, device: torch.device) -> torch.Tensor | None:
+    """An optimizer-wide value (f_1, the skip count) from loaded per-parameter states: the
+    first that is set (every AdamL state holds the same one; older checkpoints kept f_1 per
+    parameter)."""
+    found = None
+    for st in states:
+        if isinstance(st, dict) and key in st:
+            value = float(st[key])
+            if found is None or (math.isnan(found) and not math.isnan(value)):
+                found = value
+    return None if found is None else torch.tensor(found, dtype=torch.float64).to(device)
