@@ -255,12 +255,7 @@ __global__ void prologue_kernel(const void* loss, int loss_type, const float* fo
                                 const int64_t* tables, int64_t num_tables) {
   __shared__ bool taken;
   if (threadIdx.x == 0) {
-    const double l = load_scalar(loss, loss_type);
-    const bool ok = isfinite(l) && (found_inf == nullptr || *found_inf == 0.0f);
-    *take = ok ? 1.0f : 0.0f;
-    if (ok && *initial_loss != *initial_loss) *initial_loss = l;
-    *skipped += ok ? 0.0 : 1.0;
-    taken = ok;
+    taken = decide_step(load_scalar(loss, loss_type), found_inf, initial_loss, skipped, take);
   }
   __syncthreads();
   if (!taken) return;

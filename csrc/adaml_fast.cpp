@@ -11,7 +11,6 @@
 // torch.compile, opcheck and the functional form.
 #include <torch/extension.h>
 
-#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -136,12 +135,10 @@ void prologue(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf
                                  num_tables);
     return;
   }
-  const double l = load_scalar(loss.const_data_ptr(), scalar_type_code(loss));
-  const bool ok = std::isfinite(l) && (!found_inf || *found_inf->const_data_ptr<float>() == 0);
-  *take.data_ptr<float>() = ok ? 1.0f : 0.0f;
-  double* f1 = initial_loss.data_ptr<double>();
-  if (ok && std::isnan(*f1)) *f1 = l;
-  *skipped.data_ptr<double>() += ok ? 0.0 : 1.0;
+  const bool ok = decide_step(load_scalar(loss.const_data_ptr(), scalar_type_code(loss)),
+                              found_inf ? found_inf->const_data_ptr<float>() : nullptr,
+                              initial_loss.data_ptr<double>(), skipped.data_ptr<double>(),
+                              take.data_ptr<float>());
   if (!ok) return;
   const int64_t* t = tables.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < num_tables; ++b) {

@@ -256,6 +256,18 @@ template <typename C> ADAML_HD constexpr C max_finite();
 template <> ADAML_HD constexpr float max_finite<float>() { return 3.40282346638528859812e+38F; }
 template <> ADAML_HD constexpr double max_finite<double>() { return 1.79769313486231570815e+308; }
 
+// The step's prologue (adaml_fast.cpp, and its GPU kernel in adaml_cuda.cu): whether the step
+// is taken (a finite loss and no found_inf), f_1 recorded if unset, a skip counted. Returns
+// whether the step is taken. `l - l` is 0 only for a finite l (inf - inf and NaN are NaN).
+ADAML_HD bool decide_step(double loss, const float* found_inf, double* initial_loss,
+                          double* skipped, float* take) {
+  const bool ok = (loss - loss) == 0.0 && (found_inf == nullptr || *found_inf == 0.0f);
+  *take = ok ? 1.0f : 0.0f;
+  if (ok && *initial_loss != *initial_loss) *initial_loss = loss;
+  *skipped += ok ? 0.0 : 1.0;
+  return ok;
+}
+
 template <typename C> struct StepScalars {
   C beta1, one_minus_beta1, beta2;
   // The adaptive term (1 - b2) g^2 / (gamma * l^phi). Its coefficient can exceed C's range
