@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tensor_checks import fits_fused_kernels
+
 NAMES = ("reference", "triton", "cpu", "cuda")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
@@ -130,8 +132,6 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> str:
 
 def select_for_tensor(requested: str, p: torch.Tensor, g: torch.Tensor) -> str:
     """The backend for parameter p with gradient g (see the module docstring on layouts)."""
-    from .tensor_checks import fits_fused_kernels
-
     name = select(requested, p.device, p.dtype)
     if requested == "auto" and INFO[name].fused and not fits_fused_kernels(p, g):
         return "reference"

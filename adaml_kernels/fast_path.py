@@ -32,7 +32,7 @@ _CHANGED = 2
 class FastPath:
     def __init__(self, groups, launches, tables, take, device):
         self.groups = groups  # (group["params"], its length, slots, layout record, rows)
-        self.launches = launches  # (group index, bucket)
+        self.launches = launches  # (group index, the bucket's fixed launch arguments)
         self.tables = tables  # int64 [buckets, 2]: rows address, rows, for the prologue
         self.take = take
         self.device = device
@@ -52,7 +52,7 @@ class FastPath:
             for b, ((bucket, name), idx) in enumerate(zip(plan.buckets, plan.members)):
                 if name not in ("cpu", "cuda") or bucket.device != device:
                     return None
-                launches.append((gi, bucket))
+                launches.append((gi, _launch_spec(bucket)))
                 for row, i in enumerate(idx):
                     where[id(plan.params[i])] = (len(launches) - 1, b, row)
             slots = [-1] * len(params)
@@ -67,7 +67,7 @@ class FastPath:
             groups.append((params, len(params), torch.tensor(slots, dtype=torch.int64),
                            _extension.C.layout_record(planned, grads),
                            [t.rows_host for t in tables], [t.rows for t in tables]))
-        rows = [(b.table().rows.data_ptr(), len(b.params)) for _, b in launches]
+        rows = [(spec[0].data_ptr(), spec[3]) for _, spec in launches]
         tables = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).to(device)
         take = torch.zeros((), dtype=torch.float32, device=device)
         return FastPath(groups, launches, tables, take, device)
@@ -107,24 +107,32 @@ class FastPath:
         loss_t = opt._step_loss(loss, losses.process_group(opt.loss_group), self.device)
         _extension.C.prologue(loss_t, found_inf, opt._initial_loss, opt._skipped, self.take,
                               self.tables, len(self.launches))
-        for gi, bucket in self.launches:
-            _launch(bucket, groups[gi], loss_t, self.take, grad_scale, opt._initial_loss)
+        for gi, spec in self.launches:
+            _launch(spec, groups[gi], loss_t, self.take, grad_scale, opt._initial_loss)
         opt._taken = self.take
         return loss
 
 
-def _launch(bucket: Bucket, group: dict, loss, take, grad_scale, initial_loss) -> None:
+def _launch_spec(bucket: Bucket) -> tuple:
+    """What a bucket's launch passes that holds as long as its plan: table (rows, host rows,
+    chunk map), tensor count, dtype codes and master flag, stochastic rounding and seed. The
+    fast path repoints the gradients inside the same host rows, so the table stays valid."""
     table = bucket.table()
+    types = (_TYPE_CODE[bucket.dtype], _TYPE_CODE[bucket.grads[0].dtype],
+             _TYPE_CODE[bucket.exp_avgs[0].dtype], int(bucket.master_params is not None))
+    return (table.rows, table.rows_host, table.chunk_tensor, len(bucket.params), types,
+            bucket.stochastic_rounding, signed_seed(bucket.seed))
+
+
+def _launch(spec: tuple, group: dict, loss, take, grad_scale, initial_loss) -> None:
+    rows, rows_host, chunk_tensor, n, types, stochastic_rounding, seed = spec
     lr = group["lr"]
     lr_tensor = lr.reshape(()) if isinstance(lr, torch.Tensor) else None
     beta1, beta2 = group["betas"]
-    types = (_TYPE_CODE[bucket.dtype], _TYPE_CODE[bucket.grads[0].dtype],
-             _TYPE_CODE[bucket.exp_avgs[0].dtype], int(bucket.master_params is not None))
     _extension.C.launch(
-        table.rows, table.rows_host, table.chunk_tensor, len(bucket.params), types, loss, take,
+        rows, rows_host, chunk_tensor, n, types, loss, take,
         lr_tensor, grad_scale, initial_loss if group["normalize_loss"] else None,
         0.0 if lr_tensor is not None else float(lr), beta1, beta2, group["eps"], group["gamma"],
         group["phi"], group["loss_offset"], group["weight_decay"], group["normalize_loss"],
-        group["decoupled_weight_decay"], group["maximize"], bucket.stochastic_rounding,
-        signed_seed(bucket.seed),
+        group["decoupled_weight_decay"], group["maximize"], stochastic_rounding, seed,
     )

@@ -141,7 +141,6 @@ class PendingLoss:
 
     def __init__(self):
         self.total: torch.Tensor | None = None
-        self.count = 0
 
     def add(self, loss) -> None:
         check_loss(loss)
@@ -153,9 +152,8 @@ class PendingLoss:
             self.total = value.clone()
         else:
             self.total = self.total + move(value, self.total.device)
-        self.count += 1
 
     def take(self):
         """The summed loss (None if nothing was added); the sum starts again from zero."""
-        total, self.total, self.count = self.total, None, 0
+        total, self.total = self.total, None
         return total

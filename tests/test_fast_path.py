@@ -38,6 +38,15 @@ def set_grads(params, seed):
         p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
 
 
+def count_general_steps(monkeypatch) -> list:
+    """A list that grows by one at every step AdamL takes on the general path."""
+    calls = []
+    general = AdamL._general_step
+    monkeypatch.setattr(AdamL, "_general_step",
+                        lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
+    return calls
+
+
 def assert_same(a, b, opt_a, opt_b):
     for p, q in zip(a, b):
         assert torch.equal(p, q)
@@ -53,10 +62,7 @@ def test_steady_state_takes_the_fast_path(backend, monkeypatch):
     params, opt = make(AdamL, backend)
     set_grads(params, 0)
     opt.step(1.0)
-    calls = []
-    general = AdamL._general_step
-    monkeypatch.setattr(AdamL, "_general_step",
-                        lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
+    calls = count_general_steps(monkeypatch)
     for k in range(1, 5):
         set_grads(params, k)  # new gradient tensors, as zero_grad() + backward() give
         opt.step(torch.tensor(1.0 - 0.1 * k, device=device_of(backend)))
@@ -164,10 +170,7 @@ def test_a_loss_on_another_device_or_a_closure_takes_the_general_path(backend, m
     params, opt = make(AdamL, backend)
     set_grads(params, 0)
     opt.step(1.0)
-    calls = []
-    general = AdamL._general_step
-    monkeypatch.setattr(AdamL, "_general_step",
-                        lambda self, *a, **k: calls.append(1) or general(self, *a, **k))
+    calls = count_general_steps(monkeypatch)
     set_grads(params, 1)
     opt.step(lambda: torch.tensor(1.0))
     set_grads(params, 2)
