@@ -1,6 +1,6 @@
 """The optimizer's steady-state step, with no per-tensor work in Python.
 
-After a step on the general path (optimizer.py, plan.py) has checked and planned everything, a
+After a step on the general path (engine.py, plan.py) has checked and planned everything, a
 FastPath holds, per param group, the plan in the form the C++ side reads (adaml_fast.cpp). The
 next steps then cost a few calls whatever the number of tensors:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension, loss as losses
+from . import _extension
 from .buckets import Bucket, signed_seed
 from .tensor_checks import is_dtensor
 
@@ -30,6 +30,8 @@ _CHANGED = 2
 
 
 class FastPath:
+    """The steady-state form of a step's plans (engine.py builds it after a general step)."""
+
     def __init__(self, groups, launches, tables, take, device):
         self.groups = groups  # (group["params"], its length, slots, layout record, rows)
         self.launches = launches  # (group index, the bucket's fixed launch arguments)
@@ -38,13 +40,13 @@ class FastPath:
         self.device = device
 
     @staticmethod
-    def build(opt) -> "FastPath | None":
-        """The fast path for opt's current plans, or None where it does not apply."""
-        if _extension.load_error is not None or opt._initial_loss is None:
+    def build(param_groups, plans, device: torch.device) -> "FastPath | None":
+        """The fast path for these plans, or None where it does not apply. `device` is where
+        f_1 and the skip count live."""
+        if _extension.load_error is not None or len(plans) != len(param_groups):
             return None
-        device = opt._initial_loss.device
         groups, launches = [], []
-        for gi, (group, plan) in enumerate(zip(opt.param_groups, opt._plans)):
+        for gi, (group, plan) in enumerate(zip(param_groups, plans)):
             params = group["params"]
             if plan is None or any(is_dtensor(p) for p in params):
                 return None
@@ -72,45 +74,43 @@ class FastPath:
         take = torch.zeros((), dtype=torch.float32, device=device)
         return FastPath(groups, launches, tables, take, device)
 
-    def step(self, opt, loss):
-        """One step, or FALLBACK (nothing changed) where the general path must take it."""
-        if opt.state.version != opt._planned_state_version:
-            return FALLBACK
-        if loss is None:
-            loss = opt._pending.total
+    def accepts(self, param_groups, loss, grad_scale, found_inf) -> bool:
+        """Whether this step's inputs are what the fast path can take (else: the general path)."""
         if isinstance(loss, torch.Tensor):
             if loss.device != self.device or loss.numel() != 1 or not loss.is_floating_point():
-                return FALLBACK
+                return False
         elif not isinstance(loss, (float, int)) or isinstance(loss, bool):
-            return FALLBACK
-        found_inf = getattr(opt, "found_inf", None)
-        grad_scale = getattr(opt, "grad_scale", None)
+            return False
         for t in (found_inf, grad_scale):
             if t is not None and t.device != self.device:
-                return FALLBACK
+                return False
         if found_inf is not None and found_inf.dtype != torch.float32:
-            return FALLBACK
-        groups = opt.param_groups
-        if len(groups) != len(self.groups):
-            return FALLBACK
-        for group, (params, n, *_) in zip(groups, self.groups):
+            return False
+        if len(param_groups) != len(self.groups):
+            return False
+        for group, (params, n, *_) in zip(param_groups, self.groups):
             lr = group["lr"]
             if group["params"] is not params or len(params) != n or (
                     isinstance(lr, torch.Tensor) and lr.device != self.device):
-                return FALLBACK
+                return False
+        return True
+
+    def refresh_grads(self) -> bool:
+        """Check every parameter and gradient against the plans (in C++) and point the tables
+        at the new gradients; False if anything else changed (the general path re-plans)."""
         for params, _, slots, record, rows_hosts, rows in self.groups:
             if _extension.C.refresh_grads(params, slots, record, rows_hosts, rows) == _CHANGED:
-                return FALLBACK
-        for plan in opt._plans:
-            plan.grad_ptrs = None  # the tables were repointed here: the general path re-reads
-        opt._pending.take()
-        loss_t = opt._step_loss(loss, losses.process_group(opt.loss_group), self.device)
-        _extension.C.prologue(loss_t, found_inf, opt._initial_loss, opt._skipped, self.take,
+                return False
+        return True
+
+    def run(self, param_groups, loss_t, grad_scale, found_inf, initial_loss, skipped):
+        """The prologue (take, f_1, skip count, step counts) and every bucket's launch;
+        returns `take`."""
+        _extension.C.prologue(loss_t, found_inf, initial_loss, skipped, self.take,
                               self.tables, len(self.launches))
         for gi, spec in self.launches:
-            _launch(spec, groups[gi], loss_t, self.take, grad_scale, opt._initial_loss)
-        opt._taken = self.take
-        return loss
+            _launch(spec, param_groups[gi], loss_t, self.take, grad_scale, initial_loss)
+        return self.take
 
 
 def _launch_spec(bucket: Bucket) -> tuple:

@@ -18,8 +18,9 @@ import torch
 
 from . import backends, plan as planning
 from .buckets import Bucket
-from .hyperparams import Hyperparams, validate, validate_precision
+from .hyperparams import Hyperparams, validate
 from .loss import StepInputs, as_tensor, check_loss, decide_take, record_initial_loss
+from .precision import validate_precision
 from .tensor_checks import check_grad, check_kernel_layout, check_param
 
 HALF = (torch.float16, torch.bfloat16)

@@ -110,20 +110,3 @@ def validate(
     ):
         if not isinstance(value, bool):
             raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
-
-
-def validate_precision(stochastic_rounding, master_weights, state_dtype, seed) -> None:
-    """Raise ValueError, naming the argument, for an invalid low-precision option (precision.py)."""
-    from .precision import STATE_DTYPES
-
-    for name, value in (("stochastic_rounding", stochastic_rounding),
-                        ("master_weights", master_weights)):
-        if not isinstance(value, bool):
-            raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
-    if state_dtype not in STATE_DTYPES:
-        raise ValueError(
-            f"Invalid state_dtype: {state_dtype!r} (must be None, torch.float32 or "
-            "torch.bfloat16; float16 moments would underflow, w is about eps * l)"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
-        raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")

@@ -114,6 +114,16 @@ def record_initial_loss(initial_loss: torch.Tensor, loss: torch.Tensor, take: to
     initial_loss.copy_(torch.where(first, loss.to(torch.float64), initial_loss))
 
 
+def settle(loss_t: torch.Tensor, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None,
+           initial_loss: torch.Tensor | None) -> "StepInputs":
+    """What every launch of a step reads: the loss, whether the step is taken, the grad scale
+    and f_1 (recorded here if this is the first step taken), all on the loss's device."""
+    take = decide_take(loss_t, found_inf)
+    if initial_loss is not None:
+        record_initial_loss(initial_loss, loss_t, take)
+    return StepInputs(loss_t, take, grad_scale, initial_loss)
+
+
 @dataclass(frozen=True)
 class StepInputs:
     """What every launch of one step reads, besides its bucket: all 0-dim, on one device."""

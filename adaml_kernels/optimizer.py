@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable
 from itertools import chain
 
 import torch
 import torch.optim.optimizer as _optim_module
 
-from . import backends, loss as losses, plan as planning
-from .fast_path import FALLBACK, FastPath
-from .hyperparams import DEFAULTS, Hyperparams, validate_group
-from .loss import StepInputs
+from . import backends
+from .engine import StepEngine
+from .fast_path import FALLBACK
+from .hyperparams import DEFAULTS, validate_group
 from .precision import MASTER_KEY, Precision
-from .state import TrackedState, copy_out, first_value, hooks_held, import_param_state
+from .state import TrackedState, copy_out, first_value, import_param_state
 from .tensor_checks import check_param
 
 
@@ -55,6 +56,9 @@ class AdamL(torch.optim.Optimizer):
     ``initial_loss``: f_1, one float64 value for the whole optimizer (NaN until the first step
     taken), the same tensor in every parameter's state, and under master_weights
     ``master_param`` (float32) for fp16/bf16 parameters.
+
+    The runtime of the steps (plans, flat buffers, tables, the fast path, pending losses, f_1
+    and the skip count) belongs to ``self.engine`` (engine.StepEngine).
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
@@ -96,27 +100,44 @@ class AdamL(torch.optim.Optimizer):
             maximize=maximize,
         )
         validate_group(defaults)
-        if not isinstance(amp_scaling, bool):
-            raise ValueError(f"Invalid amp_scaling: {amp_scaling!r} (must be a bool)")
-        self.backend = backend
-        self.loss_group = loss_group
-        self.precision = precision
-        self._step_supports_amp_scaling = amp_scaling  # read by torch.amp.GradScaler
-        self._reset_runtime()
-        self._skipped: torch.Tensor | None = None
-        self._initial_loss: torch.Tensor | None = None
+        self.amp_scaling = amp_scaling
+        self.engine = StepEngine(backend, loss_group, precision)
         super().__init__(params, defaults)
-        self.state = TrackedState(self.state)
 
-    def _reset_runtime(self) -> None:
-        """Forget plans, flat-buffer records and pending losses (none of them is saved)."""
-        # (group, device, dtype) -> ids of the parameters whose state is packed in flat buffers
-        self._packed: dict[tuple, set[int]] = {}
-        self._plans: list[planning.GroupPlan | None] = []
-        self._planned_state_version = -1  # self.state's version when the plans were made
-        self._pending = losses.PendingLoss()
-        self._taken: torch.Tensor | None = None
-        self._fast: FastPath | None = None  # the steady-state path, while the plans hold
+    # ----------------------------------------------------------------------- settings
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    @property
+    def loss_group(self):
+        return self.engine.loss_group
+
+    @property
+    def precision(self) -> Precision:
+        return self.engine.precision
+
+    @property
+    def amp_scaling(self) -> bool:
+        """Whether torch.amp.GradScaler hands AdamL grad_scale and found_inf (see the class
+        docstring). A framework that clips unscaled gradients may turn it off before a step."""
+        return self._step_supports_amp_scaling
+
+    @amp_scaling.setter
+    def amp_scaling(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid amp_scaling: {value!r} (must be a bool)")
+        self._step_supports_amp_scaling = value  # read by torch.amp.GradScaler
+
+    @property
+    def state(self) -> TrackedState:
+        return self._tracked_state
+
+    @state.setter
+    def state(self, value) -> None:
+        # torch.optim's state is a defaultdict(dict); a new one (a reset) is tracked too.
+        self._tracked_state = value if isinstance(value, TrackedState) else TrackedState(value)
 
     # ----------------------------------------------------------------- param groups & state
 
@@ -132,44 +153,44 @@ class AdamL(torch.optim.Optimizer):
         for p in params:
             check_param(p[1] if isinstance(p, tuple) else p)
         super().add_param_group(group)
-        self._invalidate()
+        self.engine.invalidate()
+
+    def __getstate__(self) -> dict:
+        # torch.optim keeps only defaults, state and param_groups; AdamL's settings and
+        # counters travel too (deepcopy, pickle). Plans and pending losses are rebuilt.
+        engine = self.engine
+        return {
+            **super().__getstate__(),
+            "backend": engine.backend,
+            "loss_group": engine.loss_group,
+            "_step_supports_amp_scaling": self._step_supports_amp_scaling,
+            "precision": engine.precision,
+            "_skipped": engine.skipped,
+            "_initial_loss": engine.initial_loss,
+        }
 
     def __setstate__(self, state: dict) -> None:
+        # Called by unpickling and deepcopy (with __getstate__'s keys) and by torch.optim's
+        # load_state_dict (with state and param_groups only: the settings stay as they are).
+        state = dict(state)
+        engine = self.__dict__.get("engine")
+        current = ("auto", "world", Precision(), None, None, True) if engine is None else (
+            engine.backend, engine.loss_group, engine.precision, engine.skipped,
+            engine.initial_loss, self._step_supports_amp_scaling)
+        saved = {key: state.pop(key, default) for key, default in zip(
+            ("backend", "loss_group", "precision", "_skipped", "_initial_loss",
+             "_step_supports_amp_scaling"), current)}
+        tracked = state.pop("state", None)
         super().__setstate__(state)
-        self.state = TrackedState(self.state)
+        self.state = {} if tracked is None else tracked
         # Only AdamL's own keys: torch's __setstate__ adds "differentiable" to the defaults,
         # which must not reach the groups (it would change the saved schema).
         for group in self.param_groups:  # e.g. groups loaded from a torch.optim.Adam checkpoint
             for key in DEFAULTS:
                 group.setdefault(key, self.defaults[key])
-        self.__dict__.setdefault("backend", "auto")
-        self.__dict__.setdefault("loss_group", "world")
-        self.__dict__.setdefault("_skipped", None)
-        self.__dict__.setdefault("_initial_loss", None)
-        self.__dict__.setdefault("_step_supports_amp_scaling", True)
-        self.__dict__.setdefault("precision", Precision())
-        self._reset_runtime()
-        self._invalidate()
-
-    def __getstate__(self) -> dict:
-        # torch.optim keeps only defaults, state and param_groups; AdamL's settings and
-        # counters travel too (deepcopy, pickle). Plans and pending losses are rebuilt.
-        return {
-            **super().__getstate__(),
-            "backend": self.backend,
-            "loss_group": self.loss_group,
-            "_step_supports_amp_scaling": self._step_supports_amp_scaling,
-            "precision": self.precision,
-            "_skipped": self._skipped,
-            "_initial_loss": self._initial_loss,
-        }
-
-    def _invalidate(self) -> None:
-        """Forget flat buffers and tables; the next step rebuilds them from self.state."""
-        self._packed = {}
-        self._plans = [None] * len(self.param_groups)
-        self._planned_state_version = -1
-        self._fast = None
+        self._step_supports_amp_scaling = saved["_step_supports_amp_scaling"]
+        self.engine = StepEngine(saved["backend"], saved["loss_group"], saved["precision"])
+        self.engine.load_scalars(saved["_initial_loss"], saved["_skipped"])
 
     def state_dict(self) -> dict:
         """As torch.optim.Adam's, with each state tensor copied out of the flat buffers."""
@@ -211,25 +232,29 @@ class AdamL(torch.optim.Optimizer):
                     id_map[key], st, self.precision.state_dtype)
             else:  # torch.optim keeps state that belongs to no parameter as it is
                 imported[key] = st
-        device = self._home_device()
-        shared = {
-            "initial_loss": first_value(imported.values(), "initial_loss", device),
-            # (checkpoints before the count moved into the state kept it beside it)
-            "skipped_steps": first_value(imported.values(), "skipped_steps", device)
-            if "skipped_steps" not in state_dict.get("adaml", {}) else
-            state_dict["adaml"]["skipped_steps"].to(device, torch.float64, copy=True),
-        }
-        seed = state_dict.get("adaml", {}).get("seed")
-        if seed is not None:
-            self.precision = dataclasses.replace(self.precision, seed=int(seed))
-        with hooks_held(self):
+        device = self.engine.home_device(self.param_groups)
+        initial_loss = first_value(imported.values(), "initial_loss", device)
+        adaml = state_dict.get("adaml", {})
+        # (checkpoints before the count moved into the state kept it beside it)
+        skipped = first_value(imported.values(), "skipped_steps", device) \
+            if "skipped_steps" not in adaml else \
+            adaml["skipped_steps"].to(device, torch.float64, copy=True)
+        if adaml.get("seed") is not None:
+            self.engine.set_precision(dataclasses.replace(self.precision, seed=int(adaml["seed"])))
+        pre, post = self._optimizer_load_state_dict_pre_hooks, \
+            self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:  # torch.optim's loader for the groups, without its hooks (run here instead)
             super().load_state_dict({**state_dict, "state": {}})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         self.state.update(imported)
-        self._initial_loss, self._skipped = shared["initial_loss"], shared["skipped_steps"]
+        self.engine.load_scalars(initial_loss, skipped)
         for st in self.state.values():
             if isinstance(st, dict) and "step" in st:
-                self._share_scalars(st)
-        self._invalidate()
+                self.engine.share_scalars(st, self.param_groups)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -249,33 +274,46 @@ class AdamL(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """How many steps were skipped (non-finite loss or found_inf). Reading it syncs."""
-        return 0 if self._skipped is None else round(self._skipped.item())
+        skipped = self.engine.skipped
+        return 0 if skipped is None else round(skipped.item())
 
     @property
     def last_step_taken(self) -> torch.Tensor | None:
         """Whether the last step was taken: a 0-dim bool tensor on the device (reading it on
         the host syncs), None before the first step. A loop can hold its LR scheduler with it,
         e.g. by scaling the scheduler's step on the device."""
-        return None if self._taken is None else self._taken != 0
+        taken = self.engine.taken
+        return None if taken is None else taken != 0
+
+    @property
+    def initial_loss(self) -> torch.Tensor | None:
+        """f_1: the loss of the first step taken (float64, 0-dim, on the device; NaN until
+        then), None before the first step."""
+        return self.engine.initial_loss
 
     def describe(self) -> list[list[dict]]:
         """Per param group, the buckets of its current plan: backend, device, dtype, tensors and
         elements. Empty for a group that has not been stepped with gradients yet."""
-        return [[] if plan is None else plan.describe() for plan in self._plans]
+        return self.engine.describe(len(self.param_groups))
 
     # ----------------------------------------------------------------------------- loss
 
     def add_loss(self, loss) -> None:
         """Register the loss of a backward pass; the next step() without a loss uses the sum of
         the losses registered since the last step or zero_grad(). Nothing is read on the host."""
-        self._pending.add(loss)
+        self.engine.add_loss(loss)
+
+    @property
+    def pending_loss(self) -> torch.Tensor | None:
+        """The sum of the losses registered since the last step (float64, 0-dim), or None."""
+        return self.engine.pending.total
 
     @torch.compiler.disable  # as torch.optim's zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, and forget the losses registered since the last step: they belong to
         the gradients being zeroed. (A step that GradScaler skips with amp_scaling=False never
         reaches AdamL, so without this its losses would be added to the next step's.)"""
-        self._pending.take()
+        self.engine.drop_pending()
         super().zero_grad(set_to_none)
 
     # ----------------------------------------------------------------------------- step
@@ -300,9 +338,12 @@ class AdamL(torch.optim.Optimizer):
     step.hooked = True  # tells torch.optim not to wrap it again
 
     def _step(self, loss=None, closure: Callable | None = None):
-        if not torch.compiler.is_compiling() and self._fast is not None and closure is None \
-                and not callable(loss):
-            result = self._fast.step(self, loss)
+        engine = self.engine
+        if engine.fast is not None and closure is None and not callable(loss) \
+                and not torch.compiler.is_compiling():
+            result = engine.fast_step(self.param_groups, self.state, loss,
+                                      getattr(self, "grad_scale", None),
+                                      getattr(self, "found_inf", None))
             if result is not FALLBACK:
                 return result
         return self._general_step(loss, closure)
@@ -314,8 +355,6 @@ class AdamL(torch.optim.Optimizer):
     @torch.compiler.disable
     @torch.no_grad()
     def _general_step(self, loss=None, closure: Callable | None = None):
-        """The step on the general path: everything checked, planned and launched from Python."""
-        self._fast = None
         if callable(loss):
             loss, closure = None, loss
         if closure is not None:
@@ -323,129 +362,7 @@ class AdamL(torch.optim.Optimizer):
                 result = closure()
             if result is not None:
                 loss = result
-        actives = [self._active(gi) for gi in range(len(self.param_groups))]
-        if loss is None and self._pending.total is not None:
-            loss = self._pending.total
-        if not any(params for params, _ in actives):
-            self._pending.take()
-            return loss  # no gradient anywhere: nothing to do, as in torch.optim
-        if loss is None and _every_lr_is_zero(self.param_groups):
-            # torch.distributed.checkpoint makes a new optimizer's state with a step of zero
-            # gradients, lr 0 and no loss: make the state, change nothing else.
-            self._apply(self._changes(actives))
-            return None
-        losses.check_loss(loss)
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        changes = self._changes(actives)  # everything is checked before anything changes
-        self._pending.take()
-        group = losses.process_group(self.loss_group)
-        if losses.is_nonfinite_number(loss) and group is None:
-            # Skipped on the host alone (under loss averaging every rank must join the
-            # all-reduce, so there the skip is decided on the device).
-            self._count_skip(None)
-            self._taken = torch.zeros((), dtype=torch.float32, device=self._home_device())
-            return loss
-        self._apply(changes)
-
-        inputs = self._step_inputs(loss, group, grad_scale, found_inf)
-        on_device = {}
-        for gi, group_dict in enumerate(self.param_groups):
-            plan = self._plans[gi]
-            if plan is not None and plan.buckets and actives[gi][0]:
-                planning.run(plan.buckets, Hyperparams.from_group(group_dict), inputs, on_device)
-        self._count_skip(inputs.take)
-        self._fast = FastPath.build(self)
-        return loss
-
-    def _changes(self, actives) -> dict:
-        """What each group's plan needs (checked; raises before anything changes): group index
-        -> ("grads" or "all", its params, their grads, their backends)."""
-        if self.state.version != self._planned_state_version:  # a state entry set or deleted
-            self._invalidate()
-        changes = {}
-        for gi, (params, grads) in enumerate(actives):
-            plan = self._plans[gi]
-            change = "all" if plan is None else plan.change(params, grads)
-            if change == "grads" and not plan.new_grads_fit(grads, self.backend):
-                change = "all"
-            if change == "all":
-                names = planning.check_group(params, grads, self.state, self.backend,
-                                             self.precision)
-                changes[gi] = (change, params, grads, names)
-            elif change == "grads":
-                changes[gi] = (change, params, grads, None)
-        return changes
-
-    def _apply(self, changes: dict) -> None:
-        for gi, (change, params, grads, names) in changes.items():
-            if change == "grads":
-                self._plans[gi].replace_grads(grads)
-            else:
-                self._plans[gi] = planning.make_group_plan(
-                    params, grads, names, self.state, self.param_groups[gi]["params"],
-                    self._packed, gi, self.precision, self._param_indices())
-                for p in params:
-                    self._share_scalars(self.state[p])
-        self._planned_state_version = self.state.version
-
-    def _step_loss(self, loss, group, device: torch.device) -> torch.Tensor:
-        """The loss this step uses (both paths): 0-dim, on `device`, averaged over `group`."""
-        loss_t = losses.as_tensor(loss, device)
-        return loss_t if group is None else losses.average(loss_t, group)
-
-    def _step_inputs(self, loss, group, grad_scale, found_inf) -> StepInputs:
-        """The loss (averaged over `group`), the skip decision and f_1, on the home device."""
-        loss_t = self._step_loss(loss, group, self._initial_loss.device)
-        take = losses.decide_take(loss_t, found_inf)
-        losses.record_initial_loss(self._initial_loss, loss_t, take)
-        self._taken = take
-        return StepInputs(loss_t, take, grad_scale, self._initial_loss)
-
-    def _param_indices(self) -> dict[int, int]:
-        """id(p) -> the parameter's index in the optimizer: its position across all param groups
-        (the key of its entry in state_dict()["state"]), stochastic rounding's j."""
-        return {id(p): i for i, p in enumerate(chain.from_iterable(
-            g["params"] for g in self.param_groups))}
-
-    def _active(self, gi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = [p for p in self.param_groups[gi]["params"] if p.grad is not None]
-        return params, [p.grad for p in params]
-
-    def _home_device(self) -> torch.device:
-        """Where f_1, the skip decision and the skip count live: the first parameter's device."""
-        if self._initial_loss is not None:
-            return self._initial_loss.device
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
-
-    def _share_scalars(self, st: dict) -> None:
-        """Put the optimizer's f_1 and skip count into a parameter's state: the same tensors in
-        every entry, so that they are saved wherever the state goes (DCP keeps only `state`
-        and `param_groups`)."""
-        if self._initial_loss is None:
-            self._initial_loss = losses.new_initial_loss(self._home_device())
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.float64, device=self._home_device())
-        st["initial_loss"] = self._initial_loss
-        st["skipped_steps"] = self._skipped
-
-    def _count_skip(self, take: torch.Tensor | None) -> None:
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.float64, device=self._home_device())
-        if take is None:
-            self._skipped += 1
-        else:  # skipped += 1 - take, in place on the device
-            self._skipped.sub_(losses.move(take, self._skipped.device)).add_(1)
-
-
-def _every_lr_is_zero(groups) -> bool:
-    """Whether every group's lr is 0 (a tensor lr is read only if it is on the CPU)."""
-    def zero(lr):
-        if isinstance(lr, torch.Tensor):
-            return lr.device.type == "cpu" and float(lr) == 0.0
-        return lr == 0
-
-    return all(zero(g["lr"]) for g in groups)
+        # GradScaler sets grad_scale and found_inf on the optimizer around step().
+        return self.engine.general_step(self.param_groups, self.state, loss,
+                                        getattr(self, "grad_scale", None),
+                                        getattr(self, "found_inf", None))

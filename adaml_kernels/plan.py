@@ -92,6 +92,10 @@ class GroupPlan:
                     check_kernel_layout(p, [g], name)
         return True
 
+    def grads_repointed(self) -> None:
+        """The fast path pointed the tables at new gradients: the next change() checks them."""
+        self.grad_ptrs = None
+
     def replace_grads(self, grads) -> None:
         grads = [local(g) for g in grads]
         for (bucket, _), idx in zip(self.buckets, self.members):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .buckets import is_dense
+
 HALF = (torch.float16, torch.bfloat16)
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEY = "master_param"  # the state key of a master weight
@@ -40,8 +42,6 @@ class Precision:
     seed: int = 0
 
     def __post_init__(self):
-        from .hyperparams import validate_precision
-
         validate_precision(self.stochastic_rounding, self.master_weights, self.state_dtype,
                            self.seed)
 
@@ -56,6 +56,22 @@ class Precision:
 
     def rounds_stochastically(self, param_dtype: torch.dtype, moment: torch.dtype) -> bool:
         return self.stochastic_rounding and torch.bfloat16 in (param_dtype, moment)
+
+
+
+def validate_precision(stochastic_rounding, master_weights, state_dtype, seed) -> None:
+    """Raise ValueError, naming the argument, for an invalid low-precision option."""
+    for name, value in (("stochastic_rounding", stochastic_rounding),
+                        ("master_weights", master_weights)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"Invalid state_dtype: {state_dtype!r} (must be None, torch.float32 or "
+            "torch.bfloat16; float16 moments would underflow, w is about eps * l)"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
 
 
 # ------------------------------------------------------------------------------ the hash
@@ -96,8 +112,6 @@ def exp_avg_sq_bits(bits: torch.Tensor) -> torch.Tensor:
 def element_index(p: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Each element's index in the whole parameter: its position in memory order for a dense
     parameter (the order the fused kernels walk), row-major otherwise, plus `offset`."""
-    from .buckets import is_dense
-
     stride = p.stride() if is_dense(p) else torch.empty(p.shape, device="meta").stride()
     index = torch.full(p.shape, offset, dtype=torch.int64, device=p.device)
     for d, (size, st) in enumerate(zip(p.shape, stride)):

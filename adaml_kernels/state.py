@@ -4,8 +4,7 @@ deleted, copies of state taken out of the flat buffers, and saved states brought
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict
-from contextlib import contextmanager
+from collections import defaultdict
 
 import torch
 
@@ -62,19 +61,6 @@ class TrackedState(defaultdict):
         for k, v in self.items():
             dict.__setitem__(out, copy.deepcopy(k, memo), copy.deepcopy(v, memo))
         return out
-
-
-@contextmanager
-def hooks_held(opt: torch.optim.Optimizer):
-    """Run torch.optim's load_state_dict without its hooks (AdamL runs them itself)."""
-    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
-    opt._optimizer_load_state_dict_pre_hooks = OrderedDict()
-    opt._optimizer_load_state_dict_post_hooks = OrderedDict()
-    try:
-        yield
-    finally:
-        opt._optimizer_load_state_dict_pre_hooks = pre
-        opt._optimizer_load_state_dict_post_hooks = post
 
 
 def copy_out(value):

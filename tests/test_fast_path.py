@@ -134,7 +134,7 @@ def test_every_check_still_raises_before_anything_changes(backend):
     for k in range(3):
         set_grads(params, k)
         opt.step(1.0)
-    assert opt._fast is not None
+    assert opt.engine.fast is not None
     snapshot = ([p.detach().clone() for p in params],
                 [{key: v.clone() for key, v in opt.state[p].items()} for p in params])
 

@@ -16,7 +16,7 @@ def snapshot(opt, params):
     """Bitwise copies of everything a step may change."""
     state = {i: {k: v.clone() for k, v in opt.state[p].items()}
              for i, p in enumerate(params) if p in opt.state}
-    skipped = None if opt._skipped is None else opt._skipped.clone()
+    skipped = None if opt.engine.skipped is None else opt.engine.skipped.clone()
     return [p.detach().clone() for p in params], state, skipped
 
 
@@ -54,8 +54,8 @@ def test_a_late_parameter_uses_the_optimizers_first_loss(backend, device):
     assert float(opt.state[a]["initial_loss"]) == float(opt.state[b]["initial_loss"]) == 10.0
     c = torch.ones(4, device=device, requires_grad=True)
     twin = AdamL([c], lr=0.1, normalize_loss=True, phi=2.0, eps=0.0, backend=backend)
-    twin._initial_loss = torch.tensor(10.0, dtype=torch.float64, device=device)
-    twin.state[c]["initial_loss"] = twin._initial_loss
+    twin.engine.initial_loss = torch.tensor(10.0, dtype=torch.float64, device=device)
+    twin.state[c]["initial_loss"] = twin.engine.initial_loss
     c.grad = torch.full_like(c, 0.5)
     twin.step(5.0)
     assert torch.equal(opt.state[b]["exp_avg_sq"], twin.state[c]["exp_avg_sq"])
@@ -79,7 +79,7 @@ def test_first_loss_is_shared_by_groups_added_later_and_survives_a_checkpoint(ba
     opt2 = AdamL([fresh[0]], lr=0.1, normalize_loss=True, backend=backend)
     opt2.add_param_group({"params": [fresh[1]]})
     opt2.load_state_dict(sd)
-    assert float(opt2._initial_loss) == 4.0
+    assert float(opt2.initial_loss) == 4.0
     assert opt2.state[fresh[0]]["initial_loss"] is opt2.state[fresh[1]]["initial_loss"]
 
 
@@ -209,7 +209,7 @@ def test_first_step_that_fails_leaves_no_state_and_no_first_loss(backend, device
     a.grad, b.grad = torch.ones_like(a), torch.ones_like(b).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step(2.0)
-    assert not opt.state and opt._initial_loss is None and opt.skipped_steps == 0
+    assert not opt.state and opt.initial_loss is None and opt.skipped_steps == 0
     b.grad = torch.ones_like(b)
     opt.step(3.0)
     assert float(opt.state[a]["initial_loss"]) == 3.0

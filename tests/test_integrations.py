@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adaml_kernels import AdamL
+from adaml_kernels.engine import StepEngine
 from adaml_kernels.integrations import find_adaml
 
 # No downloads, no telemetry (the frameworks are imported inside the tests, after this).
@@ -33,19 +34,27 @@ class LossSpy:
 
     def __init__(self, monkeypatch, expected=None):
         self.used, self.expected, self.grad_scales = [], [], []
-        original = AdamL._step_loss
+        grad_scale = [None]  # what GradScaler handed the step being taken
+        original_loss = StepEngine.step_loss
 
-        def _step_loss(opt, loss, group, device):
-            # Where both of AdamL's paths settle the loss of a step.
-            loss_t = original(opt, loss, group, device)
+        def step_loss(engine, loss, group, device):
+            # Where both of the engine's paths settle the loss of a step.
+            loss_t = original_loss(engine, loss, group, device)
             self.used.append(float(loss_t))  # averaged over the ranks under DDP
-            grad_scale = getattr(opt, "grad_scale", None)
-            self.grad_scales.append(None if grad_scale is None else float(grad_scale))
+            self.grad_scales.append(None if grad_scale[0] is None else float(grad_scale[0]))
             if expected is not None:
                 self.expected.append(float(expected(len(self.used) - 1)))
             return loss_t
 
-        monkeypatch.setattr(AdamL, "_step_loss", _step_loss)
+        def seeing_grad_scale(original):
+            def path(engine, groups, state, loss, scale, found_inf):
+                grad_scale[0] = scale
+                return original(engine, groups, state, loss, scale, found_inf)
+            return path
+
+        monkeypatch.setattr(StepEngine, "step_loss", step_loss)
+        for name in ("fast_step", "general_step"):
+            monkeypatch.setattr(StepEngine, name, seeing_grad_scale(getattr(StepEngine, name)))
 
     def check(self, steps, rel=1e-6):
         assert len(self.used) == steps
@@ -183,7 +192,7 @@ def test_lightning_automatic(monkeypatch, tmp_path, precision, clip):
     if precision == "fp16":  # the kernel unscales, or GradScaler did before the clipping
         assert spy.grad_scales == ([None] * 8 if clip else [256.0] * 8)
     opt = model.trainer.optimizers[0]  # restored: amp_scaling, and the scheduler's opt.step
-    assert opt._step_supports_amp_scaling and opt.step._wrapped_by_lr_sched
+    assert opt.amp_scaling and opt.step._wrapped_by_lr_sched
 
     # (3) resume: one epoch, a checkpoint, a new Trainer for the second epoch
     first = Regression(precision=precision)
@@ -193,7 +202,7 @@ def test_lightning_automatic(monkeypatch, tmp_path, precision, clip):
     _fit(L, resumed, x, y, epochs=2, callbacks=[AdamLCallback()],
          ckpt_path=tmp_path / "epoch1.ckpt", **kwargs)
     assert_bitwise(params_bytes(resumed), params_bytes(model))
-    assert float(resumed.trainer.optimizers[0]._initial_loss) == spy.used[0]
+    assert float(resumed.trainer.optimizers[0].initial_loss) == spy.used[0]
 
 
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
@@ -493,10 +502,10 @@ def _trainer_ddp_rank(rank, world, port, out_dir):
         report_to="none", disable_tqdm=True, dataloader_num_workers=0)
     trainer = Recording(model=model, args=args, train_dataset=_token_data(),
                         optimizer_cls_and_kwargs=(AdamL, {"lr": 0.02}))
-    original = AdamL._step_loss
+    original = StepEngine.step_loss
 
-    def _step_loss(opt, loss, group, device):
-        loss_t = original(opt, loss, group, device)
+    def step_loss(engine, loss, group, device):
+        loss_t = original(engine, loss, group, device)
         step = trainer.state.global_step
         ids = torch.cat([w for s, w in windows if s == step])
         # This rank's sum of token losses; all ranks' sum over Trainer's (global) token count.
@@ -508,7 +517,7 @@ def _trainer_ddp_rank(rank, world, port, out_dir):
         expected.append(float(local) / counts[step])
         return loss_t
 
-    AdamL._step_loss = _step_loss
+    StepEngine.step_loss = step_loss
     trainer.train()
     torch.save({"used": used, "expected": expected, "registered": registered,
                 "world": dist.get_world_size(), "params": [p.detach() for p in model.parameters()]},

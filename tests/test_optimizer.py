@@ -512,7 +512,7 @@ def test_zero_grad_forgets_the_losses_of_a_step_grad_scaler_skipped():
     opt = AdamL([w], lr=0.1, amp_scaling=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     seen, registered = [], []
-    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(float(o._pending.total)))
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(float(o.pending_loss)))
     for poison in (False, True, False):
         opt.zero_grad()
         loss = (w * w).sum()

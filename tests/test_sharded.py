@@ -138,7 +138,7 @@ def dcp_round_trips(rank, world, out_dir):
         set_state_dict(model, opt, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         results[f"{name}_skipped"] = opt.skipped_steps
-        results[f"{name}_f1"] = float(opt._initial_loss)
+        results[f"{name}_f1"] = float(opt.initial_loss)
         train(model, opt, x, y)
         results[name] = full_params(model)
     return results
@@ -260,7 +260,7 @@ def test_dcp_from_2_ranks_into_1_process_continues_bitwise(ranks):
     dcp.load(state, checkpoint_id=f"{out}/ckpt2", no_dist=True)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     assert opt.skipped_steps == 1
-    assert float(opt._initial_loss) == results[0]["dcp"]["from2_f1"]
+    assert float(opt.initial_loss) == results[0]["dcp"]["from2_f1"]
     train(model, opt, *batch(torch.float64))
     assert all(torch.equal(a, b) for a, b in zip(full_params(model), single))
     assert all(torch.equal(a, b) for a, b in zip(single, results[0]["dcp"]["uninterrupted"]))

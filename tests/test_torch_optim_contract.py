@@ -166,8 +166,8 @@ def test_copies_continue_bitwise(how):
     bundle = {"model": model, "opt": opt}
     copied = copy.deepcopy(bundle) if how == "deepcopy" else pickle.loads(pickle.dumps(bundle))
     model2, opt2 = copied["model"], copied["opt"]
-    assert (opt2.backend, opt2._step_supports_amp_scaling) == ("reference", False)
-    assert float(opt2._initial_loss) == float(opt._initial_loss)
+    assert (opt2.backend, opt2.amp_scaling) == ("reference", False)
+    assert float(opt2.initial_loss) == float(opt.initial_loss)
     train(model, opt, x, y, 2)
     train(model2, opt2, x, y, 2)
     assert params_equal(model, model2)

@@ -60,8 +60,8 @@ class AdamLCallback(Callback):
         adamls = [opt for opt in map(find_adaml, trainer.optimizers) if opt is not None]
         self._adaml = adamls[0] if len(trainer.optimizers) == 1 and adamls else None
         for opt in adamls:
-            if trainer.gradient_clip_val and opt._step_supports_amp_scaling:
-                opt._step_supports_amp_scaling = False
+            if trainer.gradient_clip_val and opt.amp_scaling:
+                opt.amp_scaling = False
                 self._undo.append(lambda opt=opt: setattr(opt, "_step_supports_amp_scaling", True))
         if self._adaml is not None and pl_module.automatic_optimization:
             self._undo.append(_step_with_registered_losses(self._adaml))

@@ -1,0 +1,216 @@
+"""The step engine: everything an AdamL step needs at run time, owned by one optimizer.
+
+AdamL (optimizer.py) is the torch.optim surface; it hands each step to its engine:
+
+    AdamL.step -> StepEngine.fast_step      steady state: fast_path.py, a few C++ calls
+               -> StepEngine.general_step   anything else: loss.py (check, settle), plan.py
+                                            (check, lay out, run) -> backends -> kernel ops
+
+The engine holds the plans and flat-buffer records (plan.py), the fast path, the losses
+registered with add_loss(), f_1 and the skip count. f_1 and the skip count are also put into
+every parameter's state (so that they are saved wherever the state goes); the rest is rebuilt
+from the state when needed and never saved.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from . import loss as losses, plan as planning
+from .fast_path import FALLBACK, FastPath
+from .hyperparams import Hyperparams
+from .loss import PendingLoss
+from .precision import Precision
+
+
+class StepEngine:
+    """The runtime of one optimizer's steps (see the module docstring)."""
+
+    def __init__(self, backend: str, loss_group, precision: Precision):
+        self.backend = backend
+        self.loss_group = loss_group
+        self.precision = precision
+        self.initial_loss: torch.Tensor | None = None  # f_1: float64, 0-dim, NaN until set
+        self.skipped: torch.Tensor | None = None  # the skip count: float64, 0-dim
+        self.taken: torch.Tensor | None = None  # float32 1.0/0.0: whether the last step was
+        self.pending = PendingLoss()
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget flat buffers, plans and the fast path; the next step rebuilds them."""
+        # (group, device, dtype) -> ids of the parameters whose state is packed in flat buffers
+        self.packed: dict[tuple, set[int]] = {}
+        self.plans: list[planning.GroupPlan | None] = []
+        self.planned_state = None  # the state (and its version) the plans were made from
+        self.planned_state_version = -1
+        self.fast: FastPath | None = None
+
+    def set_precision(self, precision: Precision) -> None:
+        self.precision = precision
+        self.invalidate()
+
+    # ----------------------------------------------------------------------------- loss
+
+    def add_loss(self, loss) -> None:
+        self.pending.add(loss)
+
+    def drop_pending(self) -> None:
+        self.pending.take()
+
+    def step_loss(self, loss, group, device: torch.device) -> torch.Tensor:
+        """The loss a step uses (both paths): 0-dim, on `device`, averaged over `group`."""
+        loss_t = losses.as_tensor(loss, device)
+        return loss_t if group is None else losses.average(loss_t, group)
+
+    # ----------------------------------------------------------------------------- steps
+
+    def fast_step(self, groups, state, loss, grad_scale, found_inf):
+        """The steady-state step, or FALLBACK (nothing changed) where the general path must
+        take it."""
+        fast = self.fast
+        if state is not self.planned_state or state.version != self.planned_state_version:
+            return FALLBACK
+        if loss is None:
+            loss = self.pending.total
+        if not fast.accepts(groups, loss, grad_scale, found_inf) or not fast.refresh_grads():
+            return FALLBACK
+        for plan in self.plans:
+            plan.grads_repointed()
+        self.pending.take()
+        loss_t = self.step_loss(loss, losses.process_group(self.loss_group), fast.device)
+        self.taken = fast.run(groups, loss_t, grad_scale, found_inf, self.initial_loss,
+                              self.skipped)
+        return loss
+
+    def general_step(self, groups, state, loss, grad_scale, found_inf):
+        """The step with everything checked, planned and launched from Python."""
+        self.fast = None
+        actives = [_active(group) for group in groups]
+        if loss is None and self.pending.total is not None:
+            loss = self.pending.total
+        if not any(params for params, _ in actives):
+            self.pending.take()
+            return loss  # no gradient anywhere: nothing to do, as in torch.optim
+        if loss is None and _every_lr_is_zero(groups):
+            # torch.distributed.checkpoint makes a new optimizer's state with a step of zero
+            # gradients, lr 0 and no loss: make the state, change nothing else.
+            self._apply(self._changes(groups, state, actives), groups, state)
+            return None
+        losses.check_loss(loss)
+        changes = self._changes(groups, state, actives)  # checked before anything changes
+        self.pending.take()
+        process_group = losses.process_group(self.loss_group)
+        if losses.is_nonfinite_number(loss) and process_group is None:
+            # Skipped on the host alone (under loss averaging every rank must join the
+            # all-reduce, so there the skip is decided on the device).
+            self._count_skip(None, groups)
+            self.taken = torch.zeros((), dtype=torch.float32, device=self.home_device(groups))
+            return loss
+        self._apply(changes, groups, state)
+
+        loss_t = self.step_loss(loss, process_group, self.initial_loss.device)
+        inputs = losses.settle(loss_t, found_inf, grad_scale, self.initial_loss)
+        self.taken = inputs.take
+        on_device = {}
+        for plan, group, (params, _) in zip(self.plans, groups, actives):
+            if plan is not None and plan.buckets and params:
+                planning.run(plan.buckets, Hyperparams.from_group(group), inputs, on_device)
+        self._count_skip(inputs.take, groups)
+        self.fast = FastPath.build(groups, self.plans, self.initial_loss.device)
+        return loss
+
+    # ----------------------------------------------------------------------------- plans
+
+    def _changes(self, groups, state, actives) -> dict:
+        """What each group's plan needs (checked; raises before anything changes): group index
+        -> ("grads" or "all", its params, their grads, their backends)."""
+        if state is not self.planned_state or state.version != self.planned_state_version:
+            self.invalidate()  # a state entry set or deleted, or a new state dict
+        if len(self.plans) != len(groups):
+            self.plans = [None] * len(groups)
+        changes = {}
+        for gi, (params, grads) in enumerate(actives):
+            plan = self.plans[gi]
+            change = "all" if plan is None else plan.change(params, grads)
+            if change == "grads" and not plan.new_grads_fit(grads, self.backend):
+                change = "all"
+            if change == "all":
+                names = planning.check_group(params, grads, state, self.backend, self.precision)
+                changes[gi] = (change, params, grads, names)
+            elif change == "grads":
+                changes[gi] = (change, params, grads, None)
+        return changes
+
+    def _apply(self, changes: dict, groups, state) -> None:
+        for gi, (change, params, grads, names) in changes.items():
+            if change == "grads":
+                self.plans[gi].replace_grads(grads)
+            else:
+                self.plans[gi] = planning.make_group_plan(
+                    params, grads, names, state, groups[gi]["params"], self.packed, gi,
+                    self.precision, _param_indices(groups))
+                for p in params:
+                    self.share_scalars(state[p], groups)
+        self.planned_state, self.planned_state_version = state, state.version
+
+    def describe(self, num_groups: int) -> list[list[dict]]:
+        plans = self.plans + [None] * (num_groups - len(self.plans))
+        return [[] if plan is None else plan.describe() for plan in plans[:num_groups]]
+
+    # ----------------------------------------------------------------------------- scalars
+
+    def home_device(self, groups) -> torch.device:
+        """Where f_1, the skip decision and the skip count live: the first parameter's device."""
+        if self.initial_loss is not None:
+            return self.initial_loss.device
+        for group in groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def share_scalars(self, st: dict, groups) -> None:
+        """Put f_1 and the skip count into a parameter's state: the same tensors in every
+        entry, so that they are saved wherever the state goes (DCP keeps only `state` and
+        `param_groups`)."""
+        if self.initial_loss is None:
+            self.initial_loss = losses.new_initial_loss(self.home_device(groups))
+        if self.skipped is None:
+            self.skipped = torch.zeros((), dtype=torch.float64, device=self.home_device(groups))
+        st["initial_loss"] = self.initial_loss
+        st["skipped_steps"] = self.skipped
+
+    def load_scalars(self, initial_loss, skipped) -> None:
+        """f_1 and the skip count of a loaded checkpoint (None: not in it)."""
+        self.initial_loss, self.skipped = initial_loss, skipped
+        self.invalidate()
+
+    def _count_skip(self, take: torch.Tensor | None, groups) -> None:
+        if self.skipped is None:
+            self.skipped = torch.zeros((), dtype=torch.float64, device=self.home_device(groups))
+        if take is None:
+            self.skipped += 1
+        else:  # skipped += 1 - take, in place on the device
+            self.skipped.sub_(losses.move(take, self.skipped.device)).add_(1)
+
+
+def _active(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    params = [p for p in group["params"] if p.grad is not None]
+    return params, [p.grad for p in params]
+
+
+def _param_indices(groups) -> dict[int, int]:
+    """id(p) -> the parameter's index in the optimizer: its position across all param groups
+    (the key of its entry in state_dict()["state"]), stochastic rounding's j."""
+    return {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in groups))}
+
+
+def _every_lr_is_zero(groups) -> bool:
+    """Whether every group's lr is 0 (a tensor lr is read only if it is on the CPU)."""
+    def zero(lr):
+        if isinstance(lr, torch.Tensor):
+            return lr.device.type == "cpu" and float(lr) == 0.0
+        return lr == 0
+
+    return all(zero(g["lr"]) for g in groups)
