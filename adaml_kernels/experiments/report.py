@@ -6,9 +6,9 @@ from __future__ import annotations
 import datetime
 import os
 
-from . import cli
 from .common import OPTIMIZERS, mean_std
 from .functions import PROBLEMS
+from .runner import EXPERIMENTS, run_experiment, summary, write_json
 
 # f(x0) of each test function
 PROBLEMS_F0 = {name: p["f"](*p["x0"]) for name, p in PROBLEMS.items()}
@@ -19,13 +19,13 @@ REL_TIE = 0.10  # deterministic runs: iteration counts within 10% are a tie
 def build(docs: str, json_dir: str, quick: bool, seeds: int, command: str) -> str:
     os.makedirs(docs, exist_ok=True)
     results, figures = {}, {}
-    for name, module in cli.EXPERIMENTS.items():
+    for name, module in EXPERIMENTS.items():
         print(f"running {name} ...", flush=True)
-        results[name] = cli.run_experiment(name, quick, seeds)
-        cli.write_json(results[name], os.path.join(json_dir, f"{name}.json"))
+        results[name] = run_experiment(name, quick, seeds)
+        write_json(results[name], os.path.join(json_dir, f"{name}.json"))
         paths = module.plot(results[name], os.path.join(docs, f"{name}.png"))
         figures[name] = [os.path.basename(p) for p in paths]
-        print(cli.summary(name, results[name]), flush=True)
+        print(summary(name, results[name]), flush=True)
     path = os.path.join(docs, "results.md")
     with open(path, "w") as f:
         f.write(render(results, figures, command, quick))
