@@ -20,7 +20,7 @@ import sys
 from setuptools import setup
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
-SOURCES_CPU = ["csrc/adaml_ops.cpp", "csrc/adaml_fast.cpp"]
+SOURCES_CPU = ["csrc/adaml_ops.cpp", "csrc/adaml_fast_path.cpp", "csrc/adaml_module.cpp"]
 SOURCES_CUDA = ["csrc/adaml_cuda.cu"]
 HEADERS = ["csrc/adaml_update.h"]  # rebuild triggers, and shipped in the sdist
 

@@ -14,14 +14,10 @@ import torch
 _OP = "adaml_kernels::fused_step_"
 
 
-C = None  # the module adaml_kernels._C, once loaded (its functions serve fast_path.py)
-
-
 def _load() -> str | None:
-    global C
     try:
-        # Its static initializers register the ops.
-        C = importlib.import_module(f"{__package__}._C")
+        # The module has no functions: loading it registers the ops (adaml_kernels::*).
+        importlib.import_module(f"{__package__}._C")
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}._C":
             return f"cannot be loaded: {type(e).__name__}: {e}"
@@ -36,12 +32,15 @@ def _load() -> str | None:
 load_error: str | None = _load()
 
 if load_error is None:
+    # Fake implementations (shapes and aliasing only) of every op, for FakeTensor, torch.compile
+    # and opcheck. The in-place ops return nothing.
+    for _name in ("fused_step_", "refresh_grads_", "fast_step_"):
+        torch.library.register_fake(f"adaml_kernels::{_name}")(lambda *args, **kwargs: None)
 
-    @torch.library.register_fake(_OP)
-    def _fused_step_fake(*args, **kwargs) -> None:
-        # The op updates its tensors in place and returns nothing.
-        return None
-
+    @torch.library.register_fake("adaml_kernels::layout_record")
+    def _layout_record_fake(params, grads):
+        size = sum(6 + 2 * p.dim() for p in params)
+        return torch.empty(size, dtype=torch.int64, device="cpu")
 
 def has_cuda_kernels() -> bool:
     """Whether the extension was built with its CUDA kernel (i.e. nvcc was found)."""
@@ -73,3 +72,8 @@ def _kernel_error_on(index: int) -> str | None:
 
 def fused_step(bucket, hp, inputs) -> None:
     torch.ops.adaml_kernels.fused_step_(*bucket.fused_op_args(hp, inputs))
+
+
+def layout_constants() -> dict[str, int]:
+    """csrc/adaml_update.h's copy of layout.constants()."""
+    return dict(torch.ops.adaml_kernels.layout_constants())

@@ -2,7 +2,7 @@
 
 A bucket holds parameters of one device and one dtype (and gradients of one dtype, moments of
 one dtype). The fused kernels do not take the tensors as arguments; they read a per-bucket table
-with one 80-byte row per tensor:
+with one 80-byte row per tensor (layout.Column names the columns):
 
     column  0: param address        5: master weight address (float32; 0: no master weights)
             1: grad address         6: numel
@@ -27,12 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK = 2048
-TABLE_COLUMNS = 10
-MASTER_COLUMN = 5
-ADDRESS_COLUMNS = (0, 1, 2, 3, MASTER_COLUMN)  # 16-byte alignment matters for these
-# The CUDA and Triton kernels use 16-byte vector loads when every address is 16-byte aligned.
-VECTOR_BYTES = 16
+from .layout import (ADDRESS_COLUMNS, CHUNK, DTYPE_CODES, TABLE_COLUMNS, VECTOR_BYTES, Column,
+                     Config, signed_seed)
 
 
 def moment_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -98,6 +94,11 @@ class Bucket:
         self.dtype = self.params[0].dtype
         self.flat_steps = _as_one_buffer(self.steps)
         self._table: PointerTable | None = None
+        # The launch values that hold as long as the bucket (layout.Config).
+        self.config = Config(
+            DTYPE_CODES[self.dtype], DTYPE_CODES[self.grads[0].dtype],
+            DTYPE_CODES[self.exp_avgs[0].dtype], int(self.master_params is not None),
+            int(stochastic_rounding), signed_seed(seed))
 
     def replace_grads(self, grads) -> None:
         """New gradient tensors for the same parameters: only the table's grad column changes.
@@ -108,13 +109,13 @@ class Bucket:
         if self._table is not None:
             rows_host = self._table.rows_host.clone()
             ptrs = [g.data_ptr() for g in self.grads]
-            rows_host[:, 1] = torch.tensor(ptrs, dtype=torch.int64)
+            rows_host[:, Column.GRAD] = torch.tensor(ptrs, dtype=torch.int64)
             self._table = PointerTable(
                 rows=_to_device(rows_host, self.device),
                 rows_host=rows_host,
                 chunk_tensor=self._table.chunk_tensor,
                 num_chunks=self._table.num_chunks,
-                aligned=self._table.aligned_but_grads and _all_aligned(ptrs, rows_host[:, 1]),
+                aligned=self._table.aligned_but_grads and _all_aligned(ptrs, rows_host[:, Column.GRAD]),
                 aligned_but_grads=self._table.aligned_but_grads,
             )
 
@@ -134,15 +135,15 @@ class Bucket:
         return self._table
 
     def fused_op_args(self, hp, inputs) -> tuple:
-        """Arguments of the fused ops (Triton, C++, CUDA), in their schema's order:
+        """Arguments of the fused ops (C++/CUDA fused_step_, Triton triton_step_), in their
+        schema's order:
 
-        (params!, grads, exp_avgs!, exp_avg_sqs!, steps, initial_loss?, rows, rows_host,
-         chunk_tensor, loss, take, lr_tensor?, grad_scale?, lr, beta1, beta2, eps, gamma, phi,
-         loss_offset, weight_decay, normalize_loss, decoupled_weight_decay, maximize,
-         master_params!, stochastic_rounding, seed)
+        (params!, grads, exp_avgs!, exp_avg_sqs!, steps, master_params!, rows, rows_host,
+         chunk_tensor, hyper, config, loss, take, lr_tensor?, grad_scale?, initial_loss?)
 
-        `master_params` is [] without master weights; `seed` is the 64-bit seed as a signed
-        int64. `inputs` (loss.StepInputs) are on the bucket's device; the launch only reads them.
+        `hyper` and `config` are layout.Hyper and layout.Config; `master_params` is [] without
+        master weights. `inputs` (loss.StepInputs) are on the bucket's device; the launch only
+        reads them.
         """
         table = self.table()
         lr_tensor = None
@@ -150,19 +151,10 @@ class Bucket:
             lr_tensor = _to_device(hp.lr.reshape(()), self.device)
         return (
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
-            inputs.initial_loss if hp.normalize_loss else None,
-            table.rows, table.rows_host, table.chunk_tensor,
-            inputs.loss, inputs.take, lr_tensor, inputs.grad_scale,
-            0.0 if lr_tensor is not None else float(hp.lr), hp.beta1, hp.beta2, hp.eps,
-            hp.gamma, hp.phi, hp.loss_offset, hp.weight_decay,
-            hp.normalize_loss, hp.decoupled_weight_decay, hp.maximize,
-            self.master_params or [], self.stochastic_rounding, signed_seed(self.seed),
+            self.master_params or [], table.rows, table.rows_host, table.chunk_tensor,
+            hp.launch_values(), self.config, inputs.loss, inputs.take, lr_tensor,
+            inputs.grad_scale, inputs.initial_loss if hp.normalize_loss else None,
         )
-
-
-def signed_seed(seed: int) -> int:
-    """A seed in [0, 2**64) as the int64 with the same bits (the ops' `int` is int64)."""
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 def _as_one_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -210,13 +202,13 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params=None,
         torch.arange(len(rows), dtype=torch.int32), torch.tensor(chunk_counts, dtype=torch.int64)
     )
     device = params[0].device if params else torch.device("cpu")
-    but_grads = rows_aligned(rows_t.index_fill(1, torch.tensor([1]), 0))
+    but_grads = rows_aligned(rows_t.index_fill(1, torch.tensor([int(Column.GRAD)]), 0))
     return PointerTable(
         rows=_to_device(rows_t, device),
         rows_host=rows_t,
         chunk_tensor=_to_device(chunk_tensor, device),
         num_chunks=first_chunk,
-        aligned=but_grads and bool((rows_t[:, 1] % VECTOR_BYTES == 0).all()),
+        aligned=but_grads and bool((rows_t[:, Column.GRAD] % VECTOR_BYTES == 0).all()),
         aligned_but_grads=but_grads,
     )
 
@@ -233,7 +225,7 @@ def rows_aligned(rows_host: torch.Tensor) -> bool:
     (a missing master weight has address 0)."""
     if rows_host.shape[0] == 0:
         return True
-    worst = (rows_host[:, :MASTER_COLUMN + 1] % VECTOR_BYTES).amax(0).tolist()
+    worst = (rows_host[:, :Column.MASTER + 1] % VECTOR_BYTES).amax(0).tolist()
     return not any(worst[c] for c in ADDRESS_COLUMNS)
 
 
@@ -248,7 +240,7 @@ def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs,
     if rows_host.shape[0] != len(params):
         return False
     masters = master_params or [None] * len(params)
-    expected = rows_host[:, :7].tolist()
+    expected = rows_host[:, :Column.NUMEL + 1].tolist()
     return all(
         row == [p.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(), s.data_ptr(),
                 0 if x is None else x.data_ptr(), p.numel()]

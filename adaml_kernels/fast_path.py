@@ -1,13 +1,14 @@
 """The optimizer's steady-state step, with no per-tensor work in Python.
 
 After a step on the general path (engine.py, plan.py) has checked and planned everything, a
-FastPath holds, per param group, the plan in the form the C++ side reads (adaml_fast.cpp). The
-next steps then cost a few calls whatever the number of tensors:
+FastPath holds, per param group, the plan in the form the C++ ops read (csrc/adaml_fast_path.cpp).
+The next steps then cost two op calls whatever the number of tensors and groups:
 
-    refresh_grads  per group: every parameter and gradient checked against the plan in C++, the
-                   tables pointed at the new gradients (anything unexpected: the general path)
-    prologue       once: the skip decision, f_1, the skip count and every step count
-    launch         per bucket: the kernel, from its table
+    refresh_grads_  every parameter and gradient checked against the plans in C++, the tables
+                    pointed at the new gradients, the parameters' versions bumped (anything
+                    unexpected: nothing changes, and the general path takes the step)
+    fast_step_      the skip decision, f_1, the skip count and every step count (the
+                    prologue), then every bucket's kernel from its table
 
 It applies only where those calls can do everything the general path would: the "cpu" and
 "cuda" backends, plain (not DTensor) parameters, one device, and a loss, lr, grad scale and
@@ -19,25 +20,26 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from .buckets import Bucket, signed_seed
+from .hyperparams import group_launch_values
 from .tensor_checks import is_dtensor
 
 FALLBACK = object()  # "take the general path"
 
-# csrc/adaml_update.h's ScalarType codes
-_TYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-_CHANGED = 2
+_CHANGED = 2  # refresh_grads_: something other than the gradients changed
 
 
 class FastPath:
     """The steady-state form of a step's plans (engine.py builds it after a general step)."""
 
-    def __init__(self, groups, launches, tables, take, device):
-        self.groups = groups  # (group["params"], its length, slots, layout record, rows)
-        self.launches = launches  # (group index, the bucket's fixed launch arguments)
-        self.tables = tables  # int64 [buckets, 2]: rows address, rows, for the prologue
+    def __init__(self, groups, refresh_args, launch_args, bucket_groups, take, device):
+        self.groups = groups  # per group: (group["params"], its length)
+        self.refresh_args = refresh_args  # slots, layout record, host rows, device rows
+        self.launch_args = launch_args  # rows, host rows, chunk maps, configs, bucket_groups
+        self.bucket_groups = bucket_groups
         self.take = take
         self.device = device
+        self.status = torch.zeros(1, dtype=torch.int64)  # refresh_grads_'s answer
+        self.status_value = self.status.numpy()  # read without a torch call
 
     @staticmethod
     def build(param_groups, plans, device: torch.device) -> "FastPath | None":
@@ -45,34 +47,38 @@ class FastPath:
         f_1 and the skip count live."""
         if _extension.load_error is not None or len(plans) != len(param_groups):
             return None
-        groups, launches = [], []
+        groups, slots, planned, buckets, bucket_groups = [], [], [], [], []
         for gi, (group, plan) in enumerate(zip(param_groups, plans)):
             params = group["params"]
             if plan is None or any(is_dtensor(p) for p in params):
                 return None
             where = {}
-            for b, ((bucket, name), idx) in enumerate(zip(plan.buckets, plan.members)):
+            for (bucket, name), idx in zip(plan.buckets, plan.members):
                 if name not in ("cpu", "cuda") or bucket.device != device:
                     return None
-                launches.append((gi, _launch_spec(bucket)))
                 for row, i in enumerate(idx):
-                    where[id(plan.params[i])] = (len(launches) - 1, b, row)
-            slots = [-1] * len(params)
-            planned = []
-            for i, p in enumerate(params):
-                if id(p) in where:
-                    _, b, row = where[id(p)]
-                    slots[i] = (b << 32) | row
+                    where[id(plan.params[i])] = (len(buckets) << 32) | row
+                buckets.append(bucket)
+                bucket_groups.append(gi)
+            for p in params:
+                slot = where.get(id(p), -1)
+                slots.append(slot)
+                if slot >= 0:
                     planned.append(p)
-            grads = [p.grad for p in planned]
-            tables = [bucket.table() for bucket, _ in plan.buckets]
-            groups.append((params, len(params), torch.tensor(slots, dtype=torch.int64),
-                           _extension.C.layout_record(planned, grads),
-                           [t.rows_host for t in tables], [t.rows for t in tables]))
-        rows = [(spec[0].data_ptr(), spec[3]) for _, spec in launches]
-        tables = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).to(device)
+            groups.append((params, len(params)))
+        tables = [bucket.table() for bucket in buckets]
+        rows, rows_hosts = [t.rows for t in tables], [t.rows_host for t in tables]
+        record = torch.ops.adaml_kernels.layout_record(planned, [p.grad for p in planned])
+        refresh_args = (torch.tensor(slots, dtype=torch.int64), record, rows_hosts, rows)
+        configs = [value for bucket in buckets for value in bucket.config]
+        launch_args = (rows, rows_hosts, [t.chunk_tensor for t in tables], configs,
+                       bucket_groups)
+        # The prologue's list of tables: each one's rows (on the device) and row count.
+        counts = [(r.data_ptr(), r.shape[0]) for r in rows]
+        launch_tables = torch.tensor(counts, dtype=torch.int64).reshape(-1, 2).to(device)
         take = torch.zeros((), dtype=torch.float32, device=device)
-        return FastPath(groups, launches, tables, take, device)
+        return FastPath(groups, refresh_args, launch_args + (launch_tables,), bucket_groups,
+                        take, device)
 
     def accepts(self, param_groups, loss, grad_scale, found_inf) -> bool:
         """Whether this step's inputs are what the fast path can take (else: the general path)."""
@@ -88,7 +94,7 @@ class FastPath:
             return False
         if len(param_groups) != len(self.groups):
             return False
-        for group, (params, n, *_) in zip(param_groups, self.groups):
+        for group, (params, n) in zip(param_groups, self.groups):
             lr = group["lr"]
             if group["params"] is not params or len(params) != n or (
                     isinstance(lr, torch.Tensor) and lr.device != self.device):
@@ -98,41 +104,21 @@ class FastPath:
     def refresh_grads(self) -> bool:
         """Check every parameter and gradient against the plans (in C++) and point the tables
         at the new gradients; False if anything else changed (the general path re-plans)."""
-        for params, _, slots, record, rows_hosts, rows in self.groups:
-            if _extension.C.refresh_grads(params, slots, record, rows_hosts, rows) == _CHANGED:
-                return False
-        return True
+        groups = self.groups
+        params = groups[0][0] if len(groups) == 1 else [p for ps, _ in groups for p in ps]
+        torch.ops.adaml_kernels.refresh_grads_.default(params, *self.refresh_args, self.status)
+        return self.status_value[0] != _CHANGED
 
     def run(self, param_groups, loss_t, grad_scale, found_inf, initial_loss, skipped):
         """The prologue (take, f_1, skip count, step counts) and every bucket's launch;
         returns `take`."""
-        _extension.C.prologue(loss_t, found_inf, initial_loss, skipped, self.take,
-                              self.tables, len(self.launches))
-        for gi, spec in self.launches:
-            _launch(spec, param_groups[gi], loss_t, self.take, grad_scale, initial_loss)
+        hypers, lr_tensors = [], []
+        for group in param_groups:  # hyperparameters may change between steps
+            lr = group["lr"]
+            lr_tensors.append(lr.reshape(()) if isinstance(lr, torch.Tensor) else None)
+            hypers.extend(group_launch_values(group))
+        rows, rows_hosts, chunks, configs, bucket_groups, tables = self.launch_args
+        torch.ops.adaml_kernels.fast_step_.default(
+            rows, rows_hosts, chunks, configs, bucket_groups, hypers, lr_tensors, loss_t,
+            found_inf, grad_scale, initial_loss, skipped, self.take, tables)
         return self.take
-
-
-def _launch_spec(bucket: Bucket) -> tuple:
-    """What a bucket's launch passes that holds as long as its plan: table (rows, host rows,
-    chunk map), tensor count, dtype codes and master flag, stochastic rounding and seed. The
-    fast path repoints the gradients inside the same host rows, so the table stays valid."""
-    table = bucket.table()
-    types = (_TYPE_CODE[bucket.dtype], _TYPE_CODE[bucket.grads[0].dtype],
-             _TYPE_CODE[bucket.exp_avgs[0].dtype], int(bucket.master_params is not None))
-    return (table.rows, table.rows_host, table.chunk_tensor, len(bucket.params), types,
-            bucket.stochastic_rounding, signed_seed(bucket.seed))
-
-
-def _launch(spec: tuple, group: dict, loss, take, grad_scale, initial_loss) -> None:
-    rows, rows_host, chunk_tensor, n, types, stochastic_rounding, seed = spec
-    lr = group["lr"]
-    lr_tensor = lr.reshape(()) if isinstance(lr, torch.Tensor) else None
-    beta1, beta2 = group["betas"]
-    _extension.C.launch(
-        rows, rows_host, chunk_tensor, n, types, loss, take,
-        lr_tensor, grad_scale, initial_loss if group["normalize_loss"] else None,
-        0.0 if lr_tensor is not None else float(lr), beta1, beta2, group["eps"], group["gamma"],
-        group["phi"], group["loss_offset"], group["weight_decay"], group["normalize_loss"],
-        group["decoupled_weight_decay"], group["maximize"], stochastic_rounding, seed,
-    )

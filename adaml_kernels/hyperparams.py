@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .layout import Hyper
 from .loss import is_real_number
 
 # A param group's keys that are AdamL's hyperparameters, with SPEC.md's defaults.
@@ -54,6 +55,27 @@ class Hyperparams:
             decoupled_weight_decay=group["decoupled_weight_decay"],
             maximize=group["maximize"],
         )
+
+    def launch_values(self) -> Hyper:
+        """The kernels' `float[] hyper` (lr 0.0 when it is a tensor: the kernels read that)."""
+        return launch_values(self.lr, self.beta1, self.beta2, self.eps, self.gamma, self.phi,
+                             self.loss_offset, self.weight_decay, self.normalize_loss,
+                             self.decoupled_weight_decay, self.maximize)
+
+
+def group_launch_values(group: dict) -> Hyper:
+    """Hyperparams.from_group(group).launch_values(), without the dataclass (the fast path)."""
+    beta1, beta2 = group["betas"]
+    return launch_values(group["lr"], beta1, beta2, group["eps"], group["gamma"], group["phi"],
+                         group["loss_offset"], group["weight_decay"], group["normalize_loss"],
+                         group["decoupled_weight_decay"], group["maximize"])
+
+
+def launch_values(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay, normalize_loss,
+                  decoupled_weight_decay, maximize) -> Hyper:
+    return Hyper(0.0 if isinstance(lr, torch.Tensor) else float(lr), float(beta1), float(beta2),
+                 float(eps), float(gamma), float(phi), float(loss_offset), float(weight_decay),
+                 float(normalize_loss), float(decoupled_weight_decay), float(maximize))
 
 
 def validate_group(group: dict) -> None:

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-L_MIN = 1e-12  # floor of the scaled loss l, and of the normalisation scale
-
 NEEDS_LOSS = (
     "AdamL needs the current loss: call step(loss) with the loss whose gradients are in .grad "
     "(a 0-dim tensor or a number), step(closure) with a closure that recomputes and returns "

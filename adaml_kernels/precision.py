@@ -20,15 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from .buckets import is_dense
+from .layout import MIX_1, MIX_2, SEED_SALT, SQ_STREAM
 
 HALF = (torch.float16, torch.bfloat16)
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEY = "master_param"  # the state key of a master weight
 
 _MASK32 = 0xFFFFFFFF
-_MIX_1, _MIX_2 = 0x21F0AAAD, 0x735A2D97
-SEED_SALT = 0x9E3779B9
-SQ_STREAM = 0x6A09E667
 BFLOAT16_MAX = float(torch.finfo(torch.bfloat16).max)
 
 
@@ -86,9 +84,9 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """adaml_update.h mix32 on int64 tensors holding uint32 values."""
     x = x ^ (x >> 16)
-    x = _mul32(x, _MIX_1)
+    x = _mul32(x, MIX_1)
     x = x ^ (x >> 15)
-    x = _mul32(x, _MIX_2)
+    x = _mul32(x, MIX_2)
     return x ^ (x >> 15)
 
 

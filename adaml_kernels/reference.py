@@ -16,7 +16,8 @@ import torch
 from . import precision
 from .buckets import Bucket
 from .hyperparams import Hyperparams
-from .loss import L_MIN, StepInputs, move
+from .layout import L_MIN
+from .loss import StepInputs, move
 
 
 def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:

@@ -23,9 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .buckets import CHUNK, TABLE_COLUMNS, Bucket, build_table, rows_aligned, table_matches
+from .buckets import Bucket, build_table, rows_aligned, table_matches
 from .hyperparams import Hyperparams
-from .loss import L_MIN, StepInputs
+from .layout import (CHUNK, L_MIN, MIX_1 as _MIX_1, MIX_2 as _MIX_2, SEED_SALT as _SEED_SALT,
+                     SQ_STREAM as _SQ_STREAM, DTYPE_CODES, TABLE_COLUMNS, Column, Config, Hyper)
+from .loss import StepInputs
 
 _TRITON_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -36,10 +38,21 @@ DECOUPLED_DECAY = tl.constexpr(2)
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 BFLOAT16_MAX = tl.constexpr(3.3895313892515355e38)  # largest finite bf16 (0x7F7F)
 # Stochastic rounding's hash (csrc/adaml_update.h, "random bits"): constants as uint32 values.
-MIX_1 = tl.constexpr(0x21F0AAAD)
-MIX_2 = tl.constexpr(0x735A2D97)
-SEED_SALT = tl.constexpr(0x9E3779B9)
-SQ_STREAM = tl.constexpr(0x6A09E667)
+# layout.py's values, as the compile-time constants a Triton kernel can read.
+MIX_1 = tl.constexpr(_MIX_1)
+MIX_2 = tl.constexpr(_MIX_2)
+SEED_SALT = tl.constexpr(_SEED_SALT)
+SQ_STREAM = tl.constexpr(_SQ_STREAM)
+PARAM_COLUMN = tl.constexpr(int(Column.PARAM))
+GRAD_COLUMN = tl.constexpr(int(Column.GRAD))
+EXP_AVG_COLUMN = tl.constexpr(int(Column.EXP_AVG))
+EXP_AVG_SQ_COLUMN = tl.constexpr(int(Column.EXP_AVG_SQ))
+STEP_COLUMN = tl.constexpr(int(Column.STEP))
+MASTER_COLUMN = tl.constexpr(int(Column.MASTER))
+NUMEL_COLUMN = tl.constexpr(int(Column.NUMEL))
+FIRST_CHUNK_COLUMN = tl.constexpr(int(Column.FIRST_CHUNK))
+PARAM_INDEX_COLUMN = tl.constexpr(int(Column.PARAM_INDEX))
+ELEMENT_OFFSET_COLUMN = tl.constexpr(int(Column.ELEMENT_OFFSET))
 
 
 @triton.jit
@@ -164,14 +177,14 @@ def adaml_kernel(
 
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunk_tensor_ptr + chunk).to(tl.int64) * COLUMNS
-    p_addr = tl.load(row + 0)
-    g_addr = tl.load(row + 1)
-    m_addr = tl.load(row + 2)
-    w_addr = tl.load(row + 3)
-    step_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    x_addr = tl.load(row + 5)  # master weight (MASTER only)
-    numel = tl.load(row + 6)
-    start = (chunk - tl.load(row + 7)) * CHUNK  # int64: the row is int64
+    p_addr = tl.load(row + PARAM_COLUMN)
+    g_addr = tl.load(row + GRAD_COLUMN)
+    m_addr = tl.load(row + EXP_AVG_COLUMN)
+    w_addr = tl.load(row + EXP_AVG_SQ_COLUMN)
+    step_ptr = tl.load(row + STEP_COLUMN).to(tl.pointer_type(tl.float32))
+    x_addr = tl.load(row + MASTER_COLUMN)  # master weight (MASTER only)
+    numel = tl.load(row + NUMEL_COLUMN)
+    start = (chunk - tl.load(row + FIRST_CHUNK_COLUMN)) * CHUNK  # int64: the row is int64
     p_ptr = p_addr.to(tl.pointer_type(PARAM))
     g_ptr = g_addr.to(tl.pointer_type(GRAD))
     m_ptr = m_addr.to(tl.pointer_type(MOMENT))
@@ -217,12 +230,12 @@ def adaml_kernel(
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
     # Stochastic rounding's per-tensor key (adaml_update.h tensor_key()).
     key = tl.zeros((), tl.uint32)
-    index_base = tl.load(row + 9)  # the whole parameter's index of element 0 of this tensor
+    index_base = tl.load(row + ELEMENT_OFFSET_COLUMN)  # the whole parameter's index of element 0 of this tensor
     if SR:
         key = _mix32(seed_lo.to(tl.uint32, bitcast=True) ^ SEED_SALT)
         key = _mix32(key ^ seed_hi.to(tl.uint32, bitcast=True))
         key = _mix32(key ^ k_stored.to(tl.uint32))
-        key = _mix32(key ^ tl.load(row + 8).to(tl.uint32))
+        key = _mix32(key ^ tl.load(row + PARAM_INDEX_COLUMN).to(tl.uint32))
 
     offs = start + tl.arange(0, CHUNK)
     if start + CHUNK <= numel:
@@ -267,53 +280,47 @@ def triton_step_(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
-    initial_loss: Optional[torch.Tensor],
+    master_params: list[torch.Tensor],
     rows: torch.Tensor,
     rows_host: torch.Tensor,
     chunk_tensor: torch.Tensor,
+    hyper: list[float],
+    config: list[int],
     loss: torch.Tensor,
     take: torch.Tensor,
     lr_tensor: Optional[torch.Tensor],
     grad_scale: Optional[torch.Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    gamma: float,
-    phi: float,
-    loss_offset: float,
-    weight_decay: float,
-    normalize_loss: bool,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-    master_params: list[torch.Tensor],
-    stochastic_rounding: bool,
-    seed: int,
+    initial_loss: Optional[torch.Tensor],
 ) -> None:
     """One AdamL step over the tensors of a bucket, in one launch (schema: Bucket.fused_op_args)."""
+    h, cfg = Hyper(*hyper), Config(*config)
     if not params:
         return
     _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params)
+    if tuple(cfg[:4]) != (DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype],
+                          DTYPE_CODES[exp_avgs[0].dtype], int(bool(master_params))):
+        raise ValueError(f"triton_step_: config {cfg} names other dtypes than the tensors'")
     masters = master_params or None
     if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps, masters):
         num_chunks, aligned = chunk_tensor.numel(), rows_aligned(rows_host)
     else:  # copies of the tensors (torch.compile): point a fresh table at them
         table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps, masters,
-                            rows_host[:, 8].tolist(), rows_host[:, 9].tolist())
+                            rows_host[:, Column.PARAM_INDEX].tolist(),
+                            rows_host[:, Column.ELEMENT_OFFSET].tolist())
         rows, chunk_tensor, num_chunks, aligned = (
             table.rows, table.chunk_tensor, table.num_chunks, table.aligned
         )
     if num_chunks == 0:
         return
-    if normalize_loss and initial_loss is None:
+    if h.normalize_loss and initial_loss is None:
         raise ValueError("normalize_loss=True needs initial_loss (f_1)")
-    if weight_decay == 0:
+    if h.weight_decay == 0:
         decay_mode = NO_DECAY.value
     else:
-        decay_mode = (DECOUPLED_DECAY if decoupled_weight_decay else L2_DECAY).value
+        decay_mode = (DECOUPLED_DECAY if h.decoupled_weight_decay else L2_DECAY).value
     moment = exp_avgs[0].dtype
-    sr = stochastic_rounding and torch.bfloat16 in (params[0].dtype, moment)
-    seed_bits = seed & ((1 << 64) - 1)
+    sr = bool(cfg.stochastic_rounding) and torch.bfloat16 in (params[0].dtype, moment)
+    seed_bits = cfg.seed & ((1 << 64) - 1)
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         adaml_kernel[(num_chunks,)](
@@ -322,19 +329,20 @@ def triton_step_(
             take if grad_scale is None else grad_scale,  # unused unless HAS_GRAD_SCALE
             take if initial_loss is None else initial_loss,  # unused unless NORMALIZE
             *map(_as_float32, (
-                lr, beta1, 1.0 - beta1, _log(beta1), beta2, 1.0 - beta2, _log(beta2), eps, gamma,
+                h.lr, h.beta1, 1.0 - h.beta1, _log(h.beta1), h.beta2, 1.0 - h.beta2,
+                _log(h.beta2), h.eps, h.gamma,
             )),
-            *_as_float32_pair(phi),
-            *_as_float32_pair(loss_offset),
-            _as_float32(weight_decay),
+            *_as_float32_pair(h.phi),
+            *_as_float32_pair(h.loss_offset),
+            _as_float32(h.weight_decay),
             _as_int32(seed_bits & 0xFFFFFFFF), _as_int32(seed_bits >> 32),
             PARAM=_TRITON_DTYPE[params[0].dtype],
             GRAD=_TRITON_DTYPE[grads[0].dtype],
             MOMENT=_TRITON_DTYPE[moment],
             MASTER=masters is not None,
             SR=sr,
-            NORMALIZE=normalize_loss,
-            MAXIMIZE=maximize,
+            NORMALIZE=bool(h.normalize_loss),
+            MAXIMIZE=bool(h.maximize),
             DECAY_MODE=decay_mode,
             LR_IS_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None,

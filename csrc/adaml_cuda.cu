@@ -186,11 +186,10 @@ void run_cuda_step(const StepLaunch& s) {
   const KernelTable& table = s.table;
   const int64_t blocks = table.num_chunks;  // an empty tensor has one (a block with no work)
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-              "adaml_kernels::fused_step_: a bucket of ", table.num_chunks,
+              "adaml_kernels: a bucket of ", table.num_chunks,
               " chunks exceeds one launch's grid");
   if (blocks == 0) return;
   const c10::cuda::CUDAGuard guard(s.take.device());
-  const StepTypes& types = s.types;
   LaunchArgs a;
   a.rows = table.rows.const_data_ptr<int64_t>();
   a.chunk_tensor = table.chunk_tensor.const_data_ptr<int32_t>();
@@ -207,14 +206,14 @@ void run_cuda_step(const StepLaunch& s) {
   a.hyper = s.hyper;
   a.decay_mode = s.decay_mode;
   a.maximize = s.maximize;
-  a.grad_float = types.grad == kFloat32;
+  a.grad_float = s.grad_type == kFloat32;
   // Only what is stored as bf16 is rounded stochastically (the CPU kernel compiles it out).
   a.stochastic_rounding =
-      s.stochastic_rounding && (types.param == kBFloat16 || types.moment == kBFloat16);
+      s.stochastic_rounding && (s.param_type == kBFloat16 || s.moment_type == kBFloat16);
   a.seed = s.seed;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(blocks);
-  dispatch_storage(types.param, types.moment, types.master, [&](auto cfg) {
+  dispatch_storage(s.param_type, s.moment_type, s.master, [&](auto cfg) {
     adaml_kernel<decltype(cfg)><<<grid, kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -222,18 +221,19 @@ void run_cuda_step(const StepLaunch& s) {
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps,
-                     const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
+                     at::TensorList master_params, const at::Tensor& rows,
                      const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                     c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
                      const at::Tensor& loss, const at::Tensor& take,
                      const std::optional<at::Tensor>& lr_tensor,
-                     const std::optional<at::Tensor>& grad_scale, double lr, double beta1,
-                     double beta2, double eps, double gamma, double phi, double loss_offset,
-                     double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                     bool maximize, at::TensorList master_params, bool stochastic_rounding,
-                     int64_t seed) {
-  const StepTypes types = check_step_args(
-      params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss, rows, rows_host, chunk_tensor,
-      loss, take, lr_tensor, grad_scale, normalize_loss, master_params, c10::DeviceType::CUDA);
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& initial_loss) {
+  check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
+                  chunk_tensor, hyper, config, loss, take, lr_tensor, grad_scale, initial_loss,
+                  c10::DeviceType::CUDA);
+  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, master_params}) {
+    bump_versions(written);
+  }
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool capturing =
@@ -241,13 +241,11 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const KernelTable table =
       resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
                     chunk_tensor, /*allow_rebuild=*/!capturing);
-  run_cuda_step(make_launch(table, static_cast<int64_t>(params.size()), types, loss, take,
-                            lr_tensor, grad_scale, initial_loss, lr, beta1, beta2, eps, gamma,
-                            phi, loss_offset, weight_decay, normalize_loss,
-                            decoupled_weight_decay, maximize, stochastic_rounding, seed));
+  run_cuda_step(make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
+                            initial_loss));
 }
 
-// The step's prologue (adaml_fast.cpp) in one block: thread 0 decides whether the step is
+// The step's prologue (fast_step_, adaml_fast_path.cpp) in one block: thread 0 decides whether the step is
 // taken, records f_1 and counts a skip; then every thread advances its share of the step
 // counts named by the tables ([num_tables, 2]: device address of a table's rows, row count).
 __global__ void prologue_kernel(const void* loss, int loss_type, const float* found_inf,
@@ -268,24 +266,31 @@ __global__ void prologue_kernel(const void* loss, int loss_type, const float* fo
   }
 }
 
-void prologue_cuda(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
-                   const at::Tensor& initial_loss, const at::Tensor& skipped,
-                   const at::Tensor& take, const at::Tensor& tables, int64_t num_tables) {
+void step_prologue_cuda(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
+                        const at::Tensor& initial_loss, const at::Tensor& skipped,
+                        const at::Tensor& take, const at::Tensor& tables) {
   const c10::cuda::CUDAGuard guard(take.device());
   prologue_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       loss.const_data_ptr(), scalar_type_code(loss),
       found_inf ? found_inf->const_data_ptr<float>() : nullptr,
       initial_loss.data_ptr<double>(), skipped.data_ptr<double>(), take.data_ptr<float>(),
-      tables.const_data_ptr<int64_t>(), num_tables);
+      tables.const_data_ptr<int64_t>(), tables.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Makes the CUDA entry points known to adaml_fast.cpp when this file is compiled in.
-const bool kRegistered = [] {
-  cuda_entry_points().run_step = &run_cuda_step;
-  cuda_entry_points().prologue = &prologue_cuda;
-  return true;
-}();
+void fast_step_cuda(at::TensorList rows, at::TensorList rows_hosts, at::TensorList chunks,
+                    c10::ArrayRef<int64_t> configs, c10::ArrayRef<int64_t> bucket_groups,
+                    c10::ArrayRef<double> hypers,
+                    const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                    const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const at::Tensor& initial_loss, const at::Tensor& skipped,
+                    const at::Tensor& take, const at::Tensor& tables) {
+  const c10::cuda::CUDAGuard guard(take.device());
+  fast_step(rows, rows_hosts, chunks, configs, bucket_groups, hypers, lr_tensors, loss,
+            found_inf, grad_scale, initial_loss, skipped, take, tables, &step_prologue_cuda,
+            &run_cuda_step);
+}
 
 // Why the kernel cannot run on GPU `device` ("" if it can): the build's architecture list may
 // hold no code for it (e.g. a V100 or T4 under the default sm_80, sm_90 + PTX).
@@ -307,4 +312,7 @@ TORCH_LIBRARY_FRAGMENT(adaml_kernels, m) {
   m.def("cuda_kernel_error(int device) -> str", &adaml::cuda_kernel_error);
 }
 
-TORCH_LIBRARY_IMPL(adaml_kernels, CUDA, m) { m.impl("fused_step_", &adaml::fused_step_cuda); }
+TORCH_LIBRARY_IMPL(adaml_kernels, CUDA, m) {
+  m.impl("fused_step_", &adaml::fused_step_cuda);
+  m.impl("fast_step_", &adaml::fast_step_cuda);
+}

@@ -1,8 +1,11 @@
-// adaml_kernels._C: the op schema, the host-side checks shared with the CUDA launcher, and the
-// CPU kernel (one call per bucket, OpenMP across cores, SIMD in the inner loop). The Python
-// module itself, with the optimizer's steady-state entry points, is in adaml_fast.cpp.
+// adaml_kernels._C: every op's schema (the one kernel ABI), the host-side checks shared with the
+// CUDA launcher, and the CPU kernel (one call per bucket, OpenMP across cores, SIMD in the inner
+// loop). The steady-state path's host ops are in adaml_fast_path.cpp; the Python module, empty,
+// in adaml_module.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,14 +30,15 @@ int scalar_type_code(const at::Tensor& t) {
   }
 }
 
-Hyper make_hyper(double lr, double beta1, double beta2, double eps, double gamma, double phi,
-                 double loss_offset, double weight_decay, bool normalize_loss) {
-  return Hyper{lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay, normalize_loss};
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
+  }
 }
 
 namespace {
 
-constexpr const char* kOp = "adaml_kernels::fused_step_: ";
+constexpr const char* kOp = "adaml_kernels: ";
 
 int64_t address(const at::Tensor& t) {
   return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
@@ -67,24 +71,48 @@ void check_zero_dim(const at::Tensor& t, const char* name, const at::Device& dev
 
 }  // namespace
 
-StepTypes check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList steps,
-                          const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
-                          const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
-                          const at::Tensor& loss, const at::Tensor& take,
-                          const std::optional<at::Tensor>& lr_tensor,
-                          const std::optional<at::Tensor>& grad_scale, bool normalize_loss,
-                          at::TensorList master_params, c10::DeviceType device_type) {
+void check_launch_values(c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config) {
+  TORCH_CHECK(hyper.size() == kHyperFields, kOp, "hyper must have ", kHyperFields,
+              " values (layout.Hyper), got ", hyper.size());
+  TORCH_CHECK(config.size() == kConfigFields, kOp, "config must have ", kConfigFields,
+              " values (layout.Config), got ", config.size());
+  for (int f : {kConfigParamDtype, kConfigGradDtype, kConfigMomentDtype}) {
+    TORCH_CHECK(config[f] >= kFloat32 && config[f] <= kBFloat16, kOp, "config[", f,
+                "] is not a dtype code: ", config[f]);
+  }
+  const int64_t param = config[kConfigParamDtype], grad = config[kConfigGradDtype];
+  const int64_t moment = config[kConfigMomentDtype];
+  const bool half = param == kFloat16 || param == kBFloat16;
+  TORCH_CHECK(grad == param || (half && grad == kFloat32), kOp,
+              "gradients must have the params' dtype, or float32 for float16/bfloat16 params");
+  TORCH_CHECK(param == kFloat64 ? moment == kFloat64 : (moment == kFloat32 || moment == kBFloat16),
+              kOp, "moments must be float64 for float64 params, else float32 or bfloat16");
+  TORCH_CHECK(config[kConfigMaster] == 0 || half, kOp,
+              "master weights are for float16/bfloat16 params");
+}
+
+void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList steps,
+                     at::TensorList master_params, const at::Tensor& rows,
+                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                     c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
+                     const at::Tensor& loss, const at::Tensor& take,
+                     const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& initial_loss,
+                     c10::DeviceType device_type) {
+  check_launch_values(hyper, config);
   const size_t n = params.size();
   const std::pair<at::TensorList, const char*> lists[] = {
       {grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}, {steps, "steps"}};
   for (const auto& [list, name] : lists) {
     TORCH_CHECK(list.size() == n, kOp, name, " has ", list.size(), " tensors, params has ", n);
   }
-  TORCH_CHECK(master_params.empty() || master_params.size() == n, kOp, "master_params has ",
-              master_params.size(), " tensors, params has ", n, " (give one per param, or none)");
-  TORCH_CHECK(initial_loss.has_value() || !normalize_loss, kOp,
-              "normalize_loss=True needs initial_loss (f_1)");
+  TORCH_CHECK(master_params.size() == (config[kConfigMaster] ? n : 0), kOp,
+              "master_params has ", master_params.size(), " tensors; config says ",
+              config[kConfigMaster] ? "one per param" : "none");
+  TORCH_CHECK(initial_loss.has_value() || hyper[kHyperNormalizeLoss] == 0.0, kOp,
+              "normalize_loss needs initial_loss (f_1)");
 
   const at::Device device = n > 0 ? params[0].device() : take.device();
   TORCH_CHECK(device.type() == device_type, kOp, "this is the ", device_type,
@@ -113,8 +141,7 @@ StepTypes check_step_args(at::TensorList params, at::TensorList grads, at::Tenso
   TORCH_CHECK(chunk_tensor.scalar_type() == at::kInt && chunk_tensor.dim() == 1 &&
                   chunk_tensor.is_contiguous() && chunk_tensor.device() == device,
               kOp, "chunk_tensor must be a contiguous 1-d int32 tensor on ", device);
-  StepTypes types;
-  if (n == 0) return types;
+  if (n == 0) return;
 
   const at::ScalarType dtype = params[0].scalar_type();
   const bool supported = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
@@ -122,21 +149,13 @@ StepTypes check_step_args(at::TensorList params, at::TensorList grads, at::Tenso
   TORCH_CHECK(supported, kOp, "the ", device_type, " kernel does not support ", dtype,
               " params (it supports float32, float16, bfloat16",
               device_type == c10::DeviceType::CPU ? ", float64)" : ")");
-  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  // The bucket's gradient and moment dtypes are those of its first tensor; every tensor must
-  // share them (the kernel is compiled per combination).
   const at::ScalarType grad_dtype = grads[0].scalar_type();
-  TORCH_CHECK(grad_dtype == dtype || (half && grad_dtype == at::kFloat), kOp, "grads[0] is ",
-              grad_dtype, " for ", dtype, " params: gradients must have the params' dtype, or "
-              "float32 for float16/bfloat16 params");
   const at::ScalarType moment = exp_avgs[0].scalar_type();
-  const bool moment_ok = dtype == at::kDouble ? moment == at::kDouble
-                                              : (moment == at::kFloat || moment == at::kBFloat16);
-  TORCH_CHECK(moment_ok, kOp, "exp_avgs[0] must be ",
-              dtype == at::kDouble ? "Double" : "Float or BFloat16", " for ", dtype,
-              " params, got ", moment);
-  TORCH_CHECK(master_params.empty() || half, kOp,
-              "master_params are for float16/bfloat16 params, not ", dtype);
+  TORCH_CHECK(scalar_type_code(params[0]) == config[kConfigParamDtype] &&
+                  scalar_type_code(grads[0]) == config[kConfigGradDtype] &&
+                  scalar_type_code(exp_avgs[0]) == config[kConfigMomentDtype],
+              kOp, "config names other dtypes than the tensors' (", dtype, " params, ",
+              grad_dtype, " grads, ", moment, " moments)");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.scalar_type() == dtype && p.device() == device, kOp, "params[", i, "] is ",
@@ -162,11 +181,23 @@ StepTypes check_step_args(at::TensorList params, at::TensorList grads, at::Tenso
                     steps[i].device() == device,
                 kOp, "steps[", i, "] must be a one-element float32 tensor on ", device);
   }
-  types.param = scalar_type_code(params[0]);
-  types.grad = scalar_type_code(grads[0]);
-  types.moment = scalar_type_code(exp_avgs[0]);
-  types.master = !master_params.empty();
-  return types;
+}
+
+KernelTable given_table(const at::Tensor& rows, const at::Tensor& rows_host,
+                        const at::Tensor& chunk_tensor) {
+  KernelTable table;
+  table.rows = rows;
+  table.chunk_tensor = chunk_tensor;
+  table.num_chunks = chunk_tensor.numel();
+  const int64_t* r = rows_host.const_data_ptr<int64_t>();
+  bool aligned = true;
+  for (int64_t i = 0; i < rows_host.size(0); ++i) {
+    for (int c : {kParamAddr, kGradAddr, kExpAvgAddr, kExpAvgSqAddr, kMasterAddr}) {
+      aligned = aligned && r[i * kColumns + c] % kVectorBytes == 0;
+    }
+  }
+  table.aligned = aligned;
+  return table;
 }
 
 KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -418,31 +449,66 @@ template <typename Cfg> void run_cpu(const CpuStep& a) {
 
 void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps,
-                    const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
+                    at::TensorList master_params, const at::Tensor& rows,
                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                    c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
                     const at::Tensor& loss, const at::Tensor& take,
                     const std::optional<at::Tensor>& lr_tensor,
-                    const std::optional<at::Tensor>& grad_scale, double lr, double beta1,
-                    double beta2, double eps, double gamma, double phi, double loss_offset,
-                    double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                    bool maximize, at::TensorList master_params, bool stochastic_rounding,
-                    int64_t seed) {
-  const StepTypes types = check_step_args(
-      params, grads, exp_avgs, exp_avg_sqs, steps, initial_loss, rows, rows_host, chunk_tensor,
-      loss, take, lr_tensor, grad_scale, normalize_loss, master_params, c10::DeviceType::CPU);
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& initial_loss) {
+  check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
+                  chunk_tensor, hyper, config, loss, take, lr_tensor, grad_scale, initial_loss,
+                  c10::DeviceType::CPU);
+  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, master_params}) {
+    bump_versions(written);
+  }
   if (params.empty()) return;
   // A skipped step reads and writes nothing else.
   if (*take.const_data_ptr<float>() == 0.0f) return;
   const KernelTable table = resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps,
                                           master_params, rows, rows_host, chunk_tensor,
                                           /*allow_rebuild=*/true);
-  run_cpu_step(make_launch(table, static_cast<int64_t>(params.size()), types, loss, take,
-                           lr_tensor, grad_scale, initial_loss, lr, beta1, beta2, eps, gamma,
-                           phi, loss_offset, weight_decay, normalize_loss,
-                           decoupled_weight_decay, maximize, stochastic_rounding, seed));
+  run_cpu_step(make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
+                           initial_loss));
 }
 
 std::string cpu_capability() { return isa_name(active_isa()); }
+
+// The C++ copy of adaml_kernels/layout.py's constants, for tests/test_layout.py.
+c10::Dict<std::string, int64_t> layout_constants() {
+  c10::Dict<std::string, int64_t> out;
+  out.insert("chunk", kChunk);
+  out.insert("columns", kColumns);
+  out.insert("vector_bytes", kVectorBytes);
+  out.insert("hyper_fields", kHyperFields);
+  out.insert("config_fields", kConfigFields);
+  out.insert("mix_1", kMix1);
+  out.insert("mix_2", kMix2);
+  out.insert("seed_salt", kSeedSalt);
+  out.insert("sq_stream", kSqStream);
+  const std::pair<const char*, int64_t> columns[] = {
+      {"param", kParamAddr}, {"grad", kGradAddr}, {"exp_avg", kExpAvgAddr},
+      {"exp_avg_sq", kExpAvgSqAddr}, {"step", kStepAddr}, {"master", kMasterAddr},
+      {"numel", kNumel}, {"first_chunk", kFirstChunk}, {"param_index", kParamIndex},
+      {"element_offset", kElementOffset}};
+  for (const auto& [name, value] : columns) out.insert(std::string("column_") + name, value);
+  const std::pair<const char*, int64_t> dtypes[] = {
+      {"float32", kFloat32}, {"float64", kFloat64}, {"float16", kFloat16},
+      {"bfloat16", kBFloat16}};
+  for (const auto& [name, value] : dtypes) out.insert(std::string("dtype_") + name, value);
+  const std::pair<const char*, int64_t> hyper[] = {
+      {"lr", kHyperLr}, {"beta1", kHyperBeta1}, {"beta2", kHyperBeta2}, {"eps", kHyperEps},
+      {"gamma", kHyperGamma}, {"phi", kHyperPhi}, {"loss_offset", kHyperLossOffset},
+      {"weight_decay", kHyperWeightDecay}, {"normalize_loss", kHyperNormalizeLoss},
+      {"decoupled_weight_decay", kHyperDecoupledWeightDecay}, {"maximize", kHyperMaximize}};
+  for (const auto& [name, value] : hyper) out.insert(std::string("hyper_") + name, value);
+  const std::pair<const char*, int64_t> config[] = {
+      {"param_dtype", kConfigParamDtype}, {"grad_dtype", kConfigGradDtype},
+      {"moment_dtype", kConfigMomentDtype}, {"master", kConfigMaster},
+      {"stochastic_rounding", kConfigStochasticRounding}, {"seed", kConfigSeed}};
+  for (const auto& [name, value] : config) out.insert(std::string("config_") + name, value);
+  return out;
+}
 
 }  // namespace
 
@@ -464,60 +530,77 @@ void run_cpu_step(const StepLaunch& s) {
   a.has_grad_scale = s.grad_scale.has_value();
   a.stochastic_rounding = s.stochastic_rounding;
   a.seed = s.seed;
-  const StepTypes& t = s.types;
-  dispatch_config</*kWithFloat64=*/true>(t.param, t.grad, t.moment, t.master,
+  dispatch_config</*kWithFloat64=*/true>(s.param_type, s.grad_type, s.moment_type, s.master,
                                          s.stochastic_rounding,
                                          [&](auto cfg) { run_cpu<decltype(cfg)>(a); });
 }
 
-StepLaunch make_launch(KernelTable table, int64_t num_tensors, StepTypes types,
-                       const at::Tensor& loss, const at::Tensor& take,
-                       const std::optional<at::Tensor>& lr_tensor,
+StepLaunch make_launch(KernelTable table, c10::ArrayRef<double> hyper,
+                       c10::ArrayRef<int64_t> config, const at::Tensor& loss,
+                       const at::Tensor& take, const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& initial_loss, double lr, double beta1,
-                       double beta2, double eps, double gamma, double phi, double loss_offset,
-                       double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                       bool maximize, bool stochastic_rounding, int64_t seed) {
+                       const std::optional<at::Tensor>& initial_loss) {
   StepLaunch s;
+  s.num_tensors = table.rows.size(0);
   s.table = std::move(table);
-  s.num_tensors = num_tensors;
-  s.types = types;
+  s.param_type = static_cast<int>(config[kConfigParamDtype]);
+  s.grad_type = static_cast<int>(config[kConfigGradDtype]);
+  s.moment_type = static_cast<int>(config[kConfigMomentDtype]);
+  s.master = config[kConfigMaster] != 0;
   s.loss = loss;
   s.take = take;
   s.lr_tensor = lr_tensor;
   s.grad_scale = grad_scale;
-  s.initial_loss = initial_loss;
-  s.hyper = make_hyper(lr, beta1, beta2, eps, gamma, phi, loss_offset, weight_decay,
-                       normalize_loss);
-  s.decay_mode =
-      weight_decay == 0.0 ? kNoDecay : (decoupled_weight_decay ? kDecoupledDecay : kL2Decay);
-  s.maximize = maximize;
-  s.stochastic_rounding = stochastic_rounding;
-  s.seed = static_cast<uint64_t>(seed);
+  const bool normalize_loss = hyper[kHyperNormalizeLoss] != 0.0;
+  s.initial_loss = normalize_loss ? initial_loss : std::nullopt;
+  s.hyper = Hyper{hyper[kHyperLr], hyper[kHyperBeta1], hyper[kHyperBeta2], hyper[kHyperEps],
+                  hyper[kHyperGamma], hyper[kHyperPhi], hyper[kHyperLossOffset],
+                  hyper[kHyperWeightDecay], normalize_loss};
+  const double weight_decay = hyper[kHyperWeightDecay];
+  s.decay_mode = weight_decay == 0.0
+                     ? kNoDecay
+                     : (hyper[kHyperDecoupledWeightDecay] != 0.0 ? kDecoupledDecay : kL2Decay);
+  s.maximize = hyper[kHyperMaximize] != 0.0;
+  s.stochastic_rounding = config[kConfigStochasticRounding] != 0;
+  s.seed = static_cast<uint64_t>(config[kConfigSeed]);
   return s;
-}
-
-CudaEntryPoints& cuda_entry_points() {
-  static CudaEntryPoints entry_points;
-  return entry_points;
 }
 
 }  // namespace adaml
 
+// The one kernel ABI: every entry point of the compiled kernels is one of these ops. Their fake
+// implementations are registered from Python (adaml_kernels/_extension.py).
 TORCH_LIBRARY(adaml_kernels, m) {
-  // The fake (meta) implementation is registered from Python, in this module.
   m.set_python_module("adaml_kernels._extension");
-  // Same arguments, same order, as adaml_kernels::triton_step_ (Bucket.fused_op_args).
+  // One bucket's step over the tensors passed (the general path, torch.compile, the functional
+  // form). Same schema as adaml_kernels::triton_step_ (Bucket.fused_op_args). hyper and config
+  // are layout.Hyper and layout.Config.
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor? initial_loss, Tensor rows, "
-      "Tensor rows_host, Tensor chunk_tensor, Tensor loss, Tensor take, Tensor? lr_tensor, "
-      "Tensor? grad_scale, float lr, float beta1, float beta2, float eps, float gamma, "
-      "float phi, float loss_offset, float weight_decay, bool normalize_loss, "
-      "bool decoupled_weight_decay, bool maximize, Tensor(d!)[] master_params, "
-      "bool stochastic_rounding, int seed) -> ()");
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor(d!)[] master_params, Tensor rows, "
+      "Tensor rows_host, Tensor chunk_tensor, float[] hyper, int[] config, Tensor loss, "
+      "Tensor take, Tensor? lr_tensor, Tensor? grad_scale, Tensor? initial_loss) -> ()");
+  // The steady-state step (adaml_fast_path.cpp, fast_path.py), in two calls. refresh_grads_:
+  // every param group's parameters and gradients checked against their plan, the tables
+  // repointed at the new gradients; status[0] = 2 if anything else changed (nothing was done:
+  // the general path takes the step). fast_step_: the prologue (take, f_1, the skip count, the
+  // step counts) and every bucket launched from its table (what it writes is reached through
+  // the tables; refresh_grads_ bumped the parameters' versions).
+  m.def(
+      "refresh_grads_(Tensor[] params, Tensor slots, Tensor record, Tensor(a!)[] rows_hosts, "
+      "Tensor(b!)[] rows, Tensor(c!) status) -> ()");
+  m.def(
+      "fast_step_(Tensor[] rows, Tensor[] rows_hosts, Tensor[] chunks, int[] configs, "
+      "int[] bucket_groups, float[] hypers, Tensor?[] lr_tensors, Tensor loss, "
+      "Tensor? found_inf, Tensor? grad_scale, Tensor(a!) initial_loss, Tensor(b!) skipped, "
+      "Tensor(c!) take, Tensor tables) -> ()");
+  // What fast_step_ compares a param group with: its planned params' layout.
+  m.def("layout_record(Tensor[] params, Tensor[] grads) -> Tensor");
   // The instruction set the CPU kernel runs with: "avx512", "avx2" or "default".
   m.def("cpu_capability() -> str", &adaml::cpu_capability);
+  m.def("layout_constants() -> Dict(str, int)", &adaml::layout_constants);
 }
 
-TORCH_LIBRARY_IMPL(adaml_kernels, CPU, m) { m.impl("fused_step_", &adaml::fused_step_cpu); }
+TORCH_LIBRARY_IMPL(adaml_kernels, CPU, m) {
+  m.impl("fused_step_", &adaml::fused_step_cpu);
+}

@@ -26,10 +26,11 @@
 
 namespace adaml {
 
-// ----------------------------------------------------------------------------- table layout
-// Mirrors adaml_kernels/buckets.py: one row of kColumns int64 per tensor, chunks of kChunk.
+// ----------------------------------------------------------------------------- layout
+// The C++ copy of adaml_kernels/layout.py (the op layout_constants returns these values, and
+// tests/test_layout.py checks that the copies agree): one row of kColumns int64 per tensor,
+// chunks of kChunk elements.
 constexpr int64_t kChunk = 2048;
-constexpr int kColumns = 10;
 enum Column : int {
   kParamAddr = 0,
   kGradAddr = 1,
@@ -41,15 +42,48 @@ enum Column : int {
   kFirstChunk = 7,
   kParamIndex = 8,       // the parameter's index in the optimizer (stochastic rounding's j)
   kElementOffset = 9,    // index, in the whole parameter, of this tensor's first element
+  kColumns = 10,
 };
 constexpr int64_t kVectorBytes = 16;
 
 constexpr double kLMin = 1e-12;  // floor of the scaled loss l and of the normalisation scale
 
-enum DecayMode : int { kNoDecay = 0, kL2Decay = 1, kDecoupledDecay = 2 };
-
 // dtype codes of the tensors the kernels read element by element or as 0-dim scalars.
 enum ScalarType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// The stochastic-rounding hash (see mix32 below).
+constexpr uint32_t kMix1 = 0x21F0AAADu;
+constexpr uint32_t kMix2 = 0x735A2D97u;
+constexpr uint32_t kSeedSalt = 0x9E3779B9u;
+constexpr uint32_t kSqStream = 0x6A09E667u;
+
+// A launch's values: the ops' `float[] hyper` (flags 0/1; lr unused with an lr tensor) and
+// `int[] config` (layout.Hyper and layout.Config).
+enum HyperField : int {
+  kHyperLr = 0,
+  kHyperBeta1,
+  kHyperBeta2,
+  kHyperEps,
+  kHyperGamma,
+  kHyperPhi,
+  kHyperLossOffset,
+  kHyperWeightDecay,
+  kHyperNormalizeLoss,
+  kHyperDecoupledWeightDecay,
+  kHyperMaximize,
+  kHyperFields,
+};
+enum ConfigField : int {
+  kConfigParamDtype = 0,
+  kConfigGradDtype,
+  kConfigMomentDtype,
+  kConfigMaster,
+  kConfigStochasticRounding,
+  kConfigSeed,  // the 64-bit seed's bits
+  kConfigFields,
+};
+
+enum DecayMode : int { kNoDecay = 0, kL2Decay = 1, kDecoupledDecay = 2 };
 
 // ----------------------------------------------------------------------------- conversions
 ADAML_HD float bits_to_float(uint32_t b) {
@@ -117,24 +151,24 @@ ADAML_HD uint16_t float_to_half(float f) {
 // same bits on every backend (adaml_kernels/triton_kernel.py and adaml_kernels/precision.py hold
 // the same function), whatever the chunking, the threads or the sharding:
 //
-//   key  = H(H(H(H(seed_lo ^ 0x9E3779B9) ^ seed_hi) ^ k) ^ j)     once per tensor and step
+//   key  = H(H(H(H(seed_lo ^ kSeedSalt) ^ seed_hi) ^ k) ^ j)     once per tensor and step
 //   bits = H(H(key ^ i_lo) ^ i_hi)                                per element
 //
 // with k the parameter's step count (already advanced), j its index in the optimizer, i the
 // element's index in the whole parameter (64-bit; lo/hi are its 32-bit halves). H is a 32-bit
 // bijective mixer (C. Wellons' "lowbias32", improved constants). The parameter takes the low 16
-// bits, exp_avg the high 16, exp_avg_sq the low 16 of H(bits ^ 0x6A09E667).
+// bits, exp_avg the high 16, exp_avg_sq the low 16 of H(bits ^ kSqStream).
 ADAML_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x21F0AAADu;
+  x *= kMix1;
   x ^= x >> 15;
-  x *= 0x735A2D97u;
+  x *= kMix2;
   x ^= x >> 15;
   return x;
 }
 
 ADAML_HD uint32_t tensor_key(uint64_t seed, uint32_t k, uint32_t j) {
-  uint32_t h = mix32(static_cast<uint32_t>(seed) ^ 0x9E3779B9u);
+  uint32_t h = mix32(static_cast<uint32_t>(seed) ^ kSeedSalt);
   h = mix32(h ^ static_cast<uint32_t>(seed >> 32));
   h = mix32(h ^ k);
   return mix32(h ^ j);
@@ -144,7 +178,7 @@ ADAML_HD uint32_t element_bits(uint32_t key, uint64_t i) {
   return mix32(mix32(key ^ static_cast<uint32_t>(i)) ^ static_cast<uint32_t>(i >> 32));
 }
 
-ADAML_HD uint32_t exp_avg_sq_bits(uint32_t bits) { return mix32(bits ^ 0x6A09E667u); }
+ADAML_HD uint32_t exp_avg_sq_bits(uint32_t bits) { return mix32(bits ^ kSqStream); }
 
 // Stochastic rounding to bf16: add 16 random bits r (< 2^16) to the low half of f's bit pattern
 // and truncate. E[result] = f; inf stays inf, NaN becomes 0x7FC0 (as round-to-nearest does).
@@ -256,7 +290,7 @@ template <typename C> ADAML_HD constexpr C max_finite();
 template <> ADAML_HD constexpr float max_finite<float>() { return 3.40282346638528859812e+38F; }
 template <> ADAML_HD constexpr double max_finite<double>() { return 1.79769313486231570815e+308; }
 
-// The step's prologue (adaml_fast.cpp, and its GPU kernel in adaml_cuda.cu): whether the step
+// The step prologue (fast_step_: adaml_fast_path.cpp; its GPU kernel: adaml_cuda.cu): whether the step
 // is taken (a finite loss and no found_inf), f_1 recorded if unset, a skip counted. Returns
 // whether the step is taken. `l - l` is 0 only for a finite l (inf - inf and NaN are NaN).
 ADAML_HD bool decide_step(double loss, const float* found_inf, double* initial_loss,
@@ -468,8 +502,10 @@ void dispatch_config(int pt, int gt, int mt, bool master, bool sr, F&& f) {
 }  // namespace adaml
 
 // --------------------------------------------------------------------------------- host side
-// Argument checks and pointer tables shared by the CPU and CUDA launchers (adaml_ops.cpp).
+// Argument checks and launches shared by the CPU and CUDA ops (adaml_ops.cpp, adaml_cuda.cu).
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 
@@ -484,24 +520,18 @@ struct KernelTable {
   bool rebuilt = false;  // true when the given table did not point at the given tensors
 };
 
-// The dtype codes of a bucket's tensors, as check_step_args found them.
-struct StepTypes {
-  int param = kFloat32;
-  int grad = kFloat32;
-  int moment = kFloat32;
-  bool master = false;  // master_params given (float32, one per parameter)
-};
-
-// Throws (TORCH_CHECK) unless the arguments of fused_step_ are consistent and of supported
-// dtypes on one device of `device_type`. Returns the bucket's dtypes.
-StepTypes check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList steps,
-                          const std::optional<at::Tensor>& initial_loss, const at::Tensor& rows,
-                          const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
-                          const at::Tensor& loss, const at::Tensor& take,
-                          const std::optional<at::Tensor>& lr_tensor,
-                          const std::optional<at::Tensor>& grad_scale, bool normalize_loss,
-                          at::TensorList master_params, c10::DeviceType device_type);
+// Throws (TORCH_CHECK) unless the arguments of fused_step_ are consistent, of supported dtypes
+// on one device of `device_type`, and what `config` says they are.
+void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList steps,
+                     at::TensorList master_params, const at::Tensor& rows,
+                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
+                     c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
+                     const at::Tensor& loss, const at::Tensor& take,
+                     const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& initial_loss,
+                     c10::DeviceType device_type);
 
 // The given table if rows_host points at exactly these tensors, else a fresh one for them
 // (torch.compile's functionalization passes copies of the mutated tensors); a fresh table takes
@@ -513,15 +543,19 @@ KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::Tenso
                           const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                           bool allow_rebuild);
 
+// A bucket's table as it is (fast_step_ checked it against the tensors).
+KernelTable given_table(const at::Tensor& rows, const at::Tensor& rows_host,
+                        const at::Tensor& chunk_tensor);
+
 int scalar_type_code(const at::Tensor& t);
 
-// One bucket's launch, once its table and tensors are known to be consistent (checked by the
-// op, or by the optimizer's steady-state path in adaml_fast.cpp): the table, the parameters'
-// dtype, and this step's 0-dim inputs, read on the device where they live.
+// One bucket's launch, once its table and tensors are known to be consistent: the table, the
+// config and hyperparameters, and this step's 0-dim inputs, read on the device where they live.
 struct StepLaunch {
   KernelTable table;
   int64_t num_tensors = 0;
-  StepTypes types;
+  int param_type = kFloat32, grad_type = kFloat32, moment_type = kFloat32;
+  bool master = false;
   at::Tensor loss, take;
   std::optional<at::Tensor> lr_tensor, grad_scale, initial_loss;
   Hyper hyper;
@@ -531,25 +565,31 @@ struct StepLaunch {
   uint64_t seed = 0;
 };
 
-StepLaunch make_launch(KernelTable table, int64_t num_tensors, StepTypes types,
-                       const at::Tensor& loss, const at::Tensor& take,
-                       const std::optional<at::Tensor>& lr_tensor,
+StepLaunch make_launch(KernelTable table, c10::ArrayRef<double> hyper,
+                       c10::ArrayRef<int64_t> config, const at::Tensor& loss,
+                       const at::Tensor& take, const std::optional<at::Tensor>& lr_tensor,
                        const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& initial_loss, double lr, double beta1,
-                       double beta2, double eps, double gamma, double phi, double loss_offset,
-                       double weight_decay, bool normalize_loss, bool decoupled_weight_decay,
-                       bool maximize, bool stochastic_rounding, int64_t seed);
+                       const std::optional<at::Tensor>& initial_loss);
 
 void run_cpu_step(const StepLaunch& s);  // adaml_ops.cpp
 
-// What the CUDA build adds (adaml_cuda.cu sets these when it is compiled in).
-struct CudaEntryPoints {
-  void (*run_step)(const StepLaunch&) = nullptr;
-  // The step's prologue on the GPU (see adaml_fast.cpp): take, f_1, the skip count, step counts.
-  void (*prologue)(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
-                   const at::Tensor& initial_loss, const at::Tensor& skipped,
-                   const at::Tensor& take, const at::Tensor& tables, int64_t num_tables) = nullptr;
-};
-CudaEntryPoints& cuda_entry_points();
+// The steady-state step, fast_step_ (adaml_fast_path.cpp), with the device's prologue and
+// launch: the CPU's, or adaml_cuda.cu's.
+using PrologueFn = void (*)(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
+                            const at::Tensor& initial_loss, const at::Tensor& skipped,
+                            const at::Tensor& take, const at::Tensor& tables);
+using RunFn = void (*)(const StepLaunch& s);
+void fast_step(at::TensorList rows, at::TensorList rows_hosts, at::TensorList chunks,
+               c10::ArrayRef<int64_t> configs, c10::ArrayRef<int64_t> bucket_groups,
+               c10::ArrayRef<double> hypers,
+               const c10::List<std::optional<at::Tensor>>& lr_tensors, const at::Tensor& loss,
+               const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::Tensor>& grad_scale, const at::Tensor& initial_loss,
+               const at::Tensor& skipped, const at::Tensor& take, const at::Tensor& tables,
+               PrologueFn prologue, RunFn run);
+
+// The in-place writes of a launch, made known to autograd as torch's own in-place ops do (a
+// backward through a graph that saved the old values then raises instead of using new ones).
+void bump_versions(at::TensorList tensors);
 
 }  // namespace adaml

@@ -13,8 +13,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from adaml_kernels.buckets import CHUNK, TABLE_COLUMNS
-from adaml_kernels.loss import L_MIN
+from adaml_kernels.layout import CHUNK, L_MIN, TABLE_COLUMNS
 from adaml_kernels.triton_kernel import adaml_kernel
 
 POINTERS = ("rows_ptr", "chunk_tensor_ptr", "loss_ptr", "take_ptr", "lr_ptr", "grad_scale_ptr",

@@ -211,14 +211,22 @@ def test_bad_arguments_are_rejected_with_a_reason():
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
     bad[2] = [t.double() for t in args[2]]
-    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] must be Float"):
+    with pytest.raises(RuntimeError, match="config names other dtypes than the tensors'"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
-    bad[5] = None
-    with pytest.raises(RuntimeError, match="normalize_loss=True needs initial_loss"):
+    bad[10] = args[10][:-1]
+    with pytest.raises(RuntimeError, match="config must have 6 values"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
-    bad[5] = args[5].float()
+    bad[9] = args[9][:-1]
+    with pytest.raises(RuntimeError, match="hyper must have 11 values"):
+        torch.ops.adaml_kernels.fused_step_(*bad)
+    bad = list(args)
+    bad[15] = None
+    with pytest.raises(RuntimeError, match="normalize_loss needs initial_loss"):
+        torch.ops.adaml_kernels.fused_step_(*bad)
+    bad = list(args)
+    bad[15] = args[15].float()
     with pytest.raises(RuntimeError, match="initial_loss must be float64"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)

@@ -1,4 +1,4 @@
-"""The steady-state path (fast_path.py, csrc/adaml_fast.cpp) against the general path: taken in
+"""The steady-state path (fast_path.py, csrc/adaml_fast_path.cpp) against the general path: taken in
 steady state, bitwise the same results, and every check still made."""
 
 import math

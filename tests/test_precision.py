@@ -14,6 +14,7 @@ import torch
 from adaml_kernels import AdamL, adaml_step_, available_backends
 from adaml_kernels.buckets import Bucket
 from adaml_kernels.hyperparams import Hyperparams
+from adaml_kernels.layout import DTYPE_CODES
 from adaml_kernels.loss import StepInputs
 from parity import (
     CASES, LOUD, MIXED_SIZES, Inputs, Mode, check_against_oracle, cpu_testable_backends,
@@ -395,25 +396,32 @@ def test_fused_ops_refuse_inconsistent_mode_arguments():
     op = torch.ops.adaml_kernels.fused_step_
     args = list(_mode_bucket(BF16).fused_op_args(hp, inputs))
     bad = list(args)
-    bad[24] = args[24][:1]
-    with pytest.raises(RuntimeError, match="master_params has 1 tensors, params has 3"):
+    bad[5] = args[5][:1]
+    with pytest.raises(RuntimeError, match="master_params has 1 tensors; config says one per"):
         op(*bad)
     bad = list(args)
-    bad[24] = [x.double() for x in args[24]]
+    bad[5] = [x.double() for x in args[5]]
     with pytest.raises(RuntimeError, match=r"master_params\[0\] must be Float"):
         op(*bad)
     bad = list(args)
     bad[1] = [g.half() for g in args[1]]
+    with pytest.raises(RuntimeError, match="config names other dtypes than the tensors'"):
+        op(*bad)
+    bad[10] = args[10]._replace(grad_dtype=DTYPE_CODES[torch.float16])
     with pytest.raises(RuntimeError, match="gradients must have the params' dtype, or float32"):
         op(*bad)
     f32 = list(_mode_bucket(torch.float32, master=False, grads=torch.float32).fused_op_args(
         hp, inputs))
-    f32[24] = [p.clone() for p in f32[0]]
-    with pytest.raises(RuntimeError, match="master_params are for float16/bfloat16 params"):
+    f32[5] = [p.clone() for p in f32[0]]
+    with pytest.raises(RuntimeError, match="master_params has 3 tensors; config says none"):
+        op(*f32)
+    f32[10] = f32[10]._replace(master=1)
+    with pytest.raises(RuntimeError, match="master weights are for float16/bfloat16 params"):
         op(*f32)
     f32 = list(_mode_bucket(torch.float32, master=False, moments=torch.float16).fused_op_args(
         hp, inputs))
-    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] must be Float or BFloat16"):
+    with pytest.raises(RuntimeError, match="moments must be float64 for float64 params, else "
+                                           "float32 or bfloat16"):
         op(*f32)
 
 

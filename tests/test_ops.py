@@ -1,0 +1,94 @@
+"""The steady-state path's ops (csrc/adaml_fast_path.cpp, table_step_ in adaml_ops.cpp) under
+torch.library.opcheck, with the arguments the fast path really passes; and every backend's
+in-place writes bump the version counters autograd checks, as torch's own optimizers do."""
+
+import pytest
+import torch
+
+from adaml_kernels import AdamL, available_backends
+
+needs_ext = pytest.mark.skipif("cpu" not in available_backends("cpu"),
+                               reason="needs adaml_kernels._C")
+ops = torch.ops.adaml_kernels
+
+
+def stepped_optimizer(steps=2, **kwargs):
+    """An AdamL on the cpu backend whose next step takes the fast path."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    opt = AdamL(model.parameters(), lr=1e-2, backend="cpu", **kwargs)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 5)).pow(2).mean()
+        loss.backward()
+        opt.step(loss)
+        opt.zero_grad()
+    loss = model(torch.randn(8, 5)).pow(2).mean()
+    loss.backward()
+    assert opt.engine.fast is not None
+    return model, opt, loss.detach()
+
+
+@needs_ext
+@pytest.mark.parametrize("normalize_loss", [False, True])
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
+def test_opcheck_fast_step(normalize_loss, found_inf):
+    from adaml_kernels.hyperparams import group_launch_values
+
+    _, opt, loss = stepped_optimizer(normalize_loss=normalize_loss)
+    rows, rows_hosts, chunks, configs, bucket_groups, tables = opt.engine.fast.launch_args
+    args = (rows, rows_hosts, chunks, configs, bucket_groups,
+            list(group_launch_values(opt.param_groups[0])), [None], loss,
+            None if found_inf is None else torch.tensor(found_inf), torch.tensor(2.0),
+            opt.initial_loss.clone(), opt.engine.skipped.clone(), torch.zeros(()), tables)
+    torch.library.opcheck(ops.fast_step_.default, args)
+
+
+@needs_ext
+def test_opcheck_layout_record_and_refresh_grads():
+    model, opt, _ = stepped_optimizer()
+    params = list(model.parameters())
+    # Both ops read the tensors' addresses, which the AOT-dispatch check changes (it traces
+    # the op with copies of them): that check does not apply to them (the fast path never runs
+    # under torch.compile).
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ops.layout_record.default, (params, [p.grad for p in params]),
+                          test_utils=checks)
+    status = torch.zeros(1, dtype=torch.int64)
+    torch.library.opcheck(ops.refresh_grads_.default,
+                          (params, *opt.engine.fast.refresh_args, status), test_utils=checks)
+    assert status.item() in (0, 1)  # the gradients were checked and repointed, nothing else
+
+
+def backends_here():
+    return [b for b in ("reference", "cpu", "triton") if b in available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_every_step_bumps_the_versions_of_the_parameters(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = AdamL(model.parameters(), lr=1e-2, backend=backend)
+    for step in range(3):  # the first step (general path), then the steady state
+        x = torch.randn(4, 3)
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        before = [p._version for p in model.parameters()]
+        opt.step(loss.detach())
+        assert all(p._version > v for p, v in zip(model.parameters(), before)), step
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_backward_through_weights_the_step_changed_raises(backend):
+    # The classic mistake: a graph that saved the old weights, backpropagated after the step.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = AdamL(model.parameters(), lr=1e-2, backend=backend)
+    for _ in range(3):
+        x = torch.randn(4, 3, requires_grad=True)
+        out = model(x).pow(2).sum()  # saves the weight for x's gradient
+        out.backward(retain_graph=True)
+        opt.step(out.detach())
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+        opt.zero_grad()
