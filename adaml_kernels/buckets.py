@@ -70,7 +70,7 @@ class Bucket:
     (as the optimizer lays them out), the step count is advanced with a single add on that
     buffer. f_1 is not part of a bucket: it is one value per optimizer, handed to each launch.
 
-    Low precision (README, "Low precision"): `master_params` are float32 master weights of
+    Low precision (docs/low_precision.md): `master_params` are float32 master weights of
     fp16/bf16 parameters (None: none); with `stochastic_rounding`, values stored as bf16 are
     rounded with bits hashed from (`seed`, step count, `param_indices[i]`, element index, the
     index counted from `element_offsets[i]`). Indices default to 0, 1, 2, ..., offsets to 0.

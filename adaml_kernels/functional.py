@@ -2,8 +2,8 @@
 
     adaml_step_(params, grads, exp_avgs, exp_avg_sqs, steps, loss, lr=1e-3, ...)
 
-The update is exactly docs/SPEC.md (summarised in the README); the low-precision modes (README,
-"Low precision") are there too: bf16 moments (pass bf16 exp_avgs/exp_avg_sqs), float32 master
+The update is exactly docs/SPEC.md; the low-precision modes (docs/low_precision.md) are there
+too: bf16 moments (pass bf16 exp_avgs/exp_avg_sqs), float32 master
 weights (master_params=) and stochastic rounding (stochastic_rounding=, seed=, param_indices=).
 The loss is never read on the host, and the call never waits for the device: whether the step
 is taken is decided on the device, and the pointer tables reach it by non-blocking copies. Each

@@ -52,7 +52,7 @@ def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     copy from pageable host memory is staged before the call returns). Out of an accelerator
     into host memory it must block: the CPU kernels read the value as soon as the op is called,
     and a non-blocking copy may not have landed yet. That is one device synchronisation per
-    step for a CPU bucket fed by a GPU loss (see the README on mixed devices).
+    step for a CPU bucket fed by a GPU loss (docs/large_models.md, mixed devices).
     """
     if t.device == device:
         return t

@@ -1,4 +1,4 @@
-"""Low precision (SPEC.md, Precision; README, "Low precision"): the options, and stochastic
+"""Low precision (SPEC.md, Precision; docs/low_precision.md): the options, and stochastic
 rounding written in torch ops for the reference backend.
 
     stochastic_rounding  values stored as bf16 (parameters, bf16 moments) are rounded

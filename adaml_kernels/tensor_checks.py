@@ -43,7 +43,7 @@ def check_param(p: torch.Tensor, what: str = "parameter") -> None:
 
 def grad_dtype_ok(p: torch.Tensor, g: torch.Tensor) -> bool:
     """A gradient has its parameter's dtype, or float32 for a float16/bfloat16 parameter
-    ("main grads": every backend reads them, README "Low precision")."""
+    ("main grads": every backend reads them, docs/low_precision.md)."""
     return g.dtype == p.dtype or (
         g.dtype == torch.float32 and p.dtype in (torch.float16, torch.bfloat16))
 

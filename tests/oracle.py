@@ -4,12 +4,12 @@ Written straight from the spec, independently of the package's code. Parameters 
 half type are rounded (to nearest, ties to even) on store, as the spec says; everything else
 stays in float64, except that w saturates at the largest finite value of the moment dtype.
 
-The low-precision modes (SPEC.md, Precision; the README's "Low precision" defines the hash):
+The low-precision modes (SPEC.md, Precision; docs/low_precision.md defines the hash):
 a float32 master weight is the float32 rounding of the new value and the stored parameter is
 rounded from it; bf16 moments are rounded on store (the step uses the unrounded values, as the
 kernels do) and saturate at bf16's largest value; under stochastic rounding a value is first
 rounded to float32, then 16 random bits are added to the low half of its bit pattern and the
-result truncated. The hash is written here again, in NumPy, from the README's definition.
+result truncated. The hash is written here again, in NumPy, from docs/low_precision.md's definition.
 """
 
 from __future__ import annotations

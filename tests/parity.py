@@ -51,7 +51,7 @@ def fused_pairs() -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Mode:
-    """A low-precision mode (README, "Low precision"): AdamL's options, and the gradients' dtype
+    """A low-precision mode (docs/low_precision.md): AdamL's options, and the gradients' dtype
     (None: the parameters')."""
 
     stochastic_rounding: bool = False

@@ -1,7 +1,7 @@
 """The low-precision modes on every backend: against the float64 oracle, bit for bit across
 backends (stochastic rounding), and the statistics of the rounding itself.
 
-Modes (README, "Low precision"): stochastic rounding of what is stored as bf16, float32 master
+Modes (docs/low_precision.md): stochastic rounding of what is stored as bf16, float32 master
 weights for fp16/bf16 parameters, bf16 moments, and float32 gradients for fp16/bf16 parameters.
 """
 

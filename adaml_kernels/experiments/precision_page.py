@@ -38,7 +38,7 @@ def render(result: dict, figure: str, command: str) -> str:
       f"(`auto`): **{machine['adaml_backend']}**. Wall time {meta['seconds']:.0f} s."
       + (" **Quick mode: smoke-test budgets, not results.**" if quick else "") + "\n")
     w("The options are AdamL's `stochastic_rounding=`, `master_weights=` and `state_dtype=` "
-      "(README, \"Low precision\").\n")
+      "(docs/low_precision.md).\n")
 
     w("## The issue's check: a bf16 weight at 1.0, lr 1e-3, gradient 1, 100 steps\n")
     w("4,096 such weights, each stepped alone (Adam's step is about lr, so fp32 ends near 0.90):\n")
