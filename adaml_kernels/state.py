@@ -10,6 +10,7 @@ import torch
 
 from .buckets import moment_dtype
 from .precision import MASTER_KEY
+from .tensor_checks import is_dtensor
 
 
 class TrackedState(defaultdict):
@@ -72,6 +73,11 @@ def copy_out(value):
     return value
 
 
+# The per-parameter state keys AdamL uses; a loaded state's other entries (e.g. AMSGrad's
+# max_exp_avg_sq) are dropped: nothing would read them, and they would be saved forever.
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", MASTER_KEY, "initial_loss", "skipped_steps")
+
+
 def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
     """A saved per-parameter state (AdamL's or torch.optim.Adam's) on p's device, AdamL dtypes."""
     if not isinstance(saved, dict):
@@ -79,6 +85,8 @@ def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
     mdt = moment_dtype(p.dtype, state_dtype)
     out = {}
     for key, value in saved.items():
+        if key not in STATE_KEYS:
+            continue
         if key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
             if value.shape != p.shape:
                 raise ValueError(
@@ -86,14 +94,35 @@ def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
                 )
             dtype = torch.float32 if key == MASTER_KEY else mdt
             value = value.to(device=p.device, dtype=dtype, copy=True)
+            if key == MASTER_KEY:
+                value = master_consistent_with(value, p)
         elif key == "step":
             value = torch.as_tensor(value, dtype=torch.float32).to(p.device, copy=True)
-        elif key in ("initial_loss", "skipped_steps"):
+        else:  # f_1, the skip count: numbers in a saved state (see saved_scalar)
             value = torch.as_tensor(value, dtype=torch.float64).to(p.device, copy=True)
-        elif isinstance(value, torch.Tensor):
-            value = value.to(p.device, copy=True)  # e.g. Adam's max_exp_avg_sq, kept as is
         out[key] = value
     return out
+
+
+def master_consistent_with(master: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The loaded master weight where it still rounds to the parameter (to nearest, or
+    stochastically: p is one of the two fp16/bf16 values around it), else the parameter's
+    value. A checkpoint trained elsewhere (torch.optim.Adam carries master_param along without
+    updating it) must not undo that training. Element by element, no host sync."""
+    if is_dtensor(master) or is_dtensor(p):
+        return master  # (DTensor checkpoints come from AdamL itself)
+    value = p.detach()
+    up = torch.nextafter(value, torch.full_like(value, math.inf)).float()
+    down = torch.nextafter(value, torch.full_like(value, -math.inf)).float()
+    rounds_to_p = (master > down) & (master < up)
+    return torch.where(rounds_to_p, master, value.float())
+
+
+def saved_scalar(value: torch.Tensor) -> float:
+    """f_1 or the skip count as state_dict() saves them: a Python number, which
+    torch.optim.Adam's loader keeps as it is (it casts every saved tensor to its parameter's
+    dtype, and bf16 would round f_1 and the count). Reading it syncs, once per state_dict()."""
+    return float(value)
 
 
 def first_value(states, key: str, device: torch.device) -> torch.Tensor | None:
