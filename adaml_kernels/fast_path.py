@@ -77,8 +77,8 @@ class FastPath:
     def accepts(self, param_groups, loss, grad_scale, found_inf) -> bool:
         """Whether this step's inputs are what the fast path can take (else: the general path)."""
         if isinstance(loss, torch.Tensor):
-            if loss.device != self.device or loss.numel() != 1 or not loss.is_floating_point():
-                return False
+            if loss.device != self.device or loss.numel() != 1 or loss.dtype not in _TYPE_CODE:
+                return False  # (e.g. float8: the general path raises)
         elif not isinstance(loss, (float, int)) or isinstance(loss, bool):
             return False
         for t in (found_inf, grad_scale):
