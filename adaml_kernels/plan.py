@@ -297,7 +297,7 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
         master_offsets, master_total = _offsets(members, torch.float32)
         master = torch.empty(master_total, dtype=torch.float32, device=device)
     for i, (p, off) in enumerate(zip(members, offsets)):
-        st = state[p]
+        st = state.laid_out_entry(p)
         shard = local(p)
         stride = moment_stride(shard)
         views = {

@@ -2,6 +2,8 @@
 AdamL's answer to each: what torch.optim.Adam does, on the general path and on the fast path
 (issue 19)."""
 
+import operator
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def set_grads(params, seed):
 def train(params, opt, seeds, loss=lambda k: torch.tensor(2.0 - 0.1 * k)):
     for k in seeds:
         set_grads(params, k)
-        opt.step(loss(k))
+        opt.step(loss(k)) if isinstance(opt, AdamL) else opt.step()
         opt.zero_grad()
 
 
@@ -79,3 +81,65 @@ def test_a_meta_or_float8_loss_raises_before_anything_changes(backend, warm, mak
         opt.add_loss(make_loss())
     assert len(opt.state) == entries
     assert_same(snapshot(params, opt), before)
+
+
+# ------------------------------------------------------------------ an entry cleared in place
+
+def adam_steps_after_reset(reset, seeds=range(3)):
+    """Each parameter's step count in torch.optim.Adam after 3 steps, `reset`, and 2 steps."""
+    params, adam = make(None, torch.optim.Adam)
+    train(params, adam, seeds)
+    reset(params, adam)
+    saved = {k: sorted(st) for k, st in adam.state_dict()["state"].items()}
+    train(params, adam, range(3, 5))
+    return saved, [int(adam.state[p]["step"]) for p in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_entry_cleared_in_place_resets_its_parameter_as_del_does(backend):
+    def clear(params, opt):
+        opt.state[params[0]].clear()
+
+    def delete(params, opt):
+        del opt.state[params[0]]
+
+    runs = []
+    for reset in (clear, delete):
+        params, opt = make(backend, normalize_loss=True)
+        train(params, opt, range(3))
+        reset(params, opt)
+        saved = {k: sorted(st) for k, st in opt.state_dict()["state"].items()}
+        train(params, opt, range(3, 5))
+        runs.append(snapshot(params, opt))
+        if reset is clear:
+            adam_saved, adam_steps = adam_steps_after_reset(clear)
+            assert saved.keys() == adam_saved.keys() and saved[0] == adam_saved[0] == []
+            assert [int(opt.state[p]["step"]) for p in params] == adam_steps == [2, 5, 5]
+    assert_same(*runs)
+
+
+# ------------------------------------------------------------------ reading state is no change
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reading_the_state_of_a_parameter_without_state_changes_nothing(backend):
+    runs = []
+    for read in (False, True):
+        params, opt = make(backend, frozen=True)
+        frozen = params[-1]
+        train(params[:-1], opt, range(3))
+        fast, plans, described = opt.engine.fast, list(opt.engine.plans), opt.describe()
+        buffers = [opt.state[p]["exp_avg"].data_ptr() for p in params[:-1]]
+        if read:
+            assert len(opt.state[frozen]) == 0  # inserts an empty entry, as a defaultdict does
+        train(params[:-1], opt, range(3, 5))
+        assert opt.engine.fast is fast  # nothing re-planned
+        assert all(map(operator.is_, opt.engine.plans, plans))
+        assert opt.describe() == described
+        assert [opt.state[p]["exp_avg"].data_ptr() for p in params[:-1]] == buffers
+        runs.append(snapshot(params, opt))
+        if read:  # saved as torch.optim.Adam saves it
+            _, adam = make(None, torch.optim.Adam, frozen=True)
+            _ = adam.state[adam.param_groups[0]["params"][-1]]
+            assert opt.state_dict()["state"][3] == adam.state_dict()["state"][3] == {}
+    runs[1][1].pop(3)
+    assert_same(*runs)
