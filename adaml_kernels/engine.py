@@ -108,6 +108,7 @@ class StepEngine:
         if losses.is_nonfinite_number(loss) and process_group is None:
             # Skipped on the host alone (under loss averaging every rank must join the
             # all-reduce, so there the skip is decided on the device).
+            self._forget_scalars_of_a_reset_state(state)
             self._count_skip(None, groups)
             self.taken = torch.zeros((), dtype=torch.float32, device=self.home_device(groups))
             return loss
@@ -150,6 +151,7 @@ class StepEngine:
         return changes
 
     def _apply(self, changes: dict, groups, state) -> None:
+        self._forget_scalars_of_a_reset_state(state)
         for gi, (change, params, grads, names) in changes.items():
             if change == "grads":
                 self.plans[gi].replace_grads(grads)
@@ -160,6 +162,14 @@ class StepEngine:
                 for p in params:
                     self.share_scalars(state[p], groups)
         self.planned_state, self.planned_state_version = state, state.version
+
+    def _forget_scalars_of_a_reset_state(self, state) -> None:
+        """f_1 and the skip count belong to the state: once it holds them nowhere (emptied or
+        replaced: opt.state.clear(), opt.state = defaultdict(dict)), they start afresh, as a
+        new optimizer's, or after loading an empty state dict."""
+        if self.planned_state is None and self.initial_loss is not None and not any(
+                isinstance(st, dict) and "initial_loss" in st for st in state.values()):
+            self.initial_loss = self.skipped = None
 
     def _release_grads(self) -> None:
         """After the launches: the plans keep no gradient alive (zero_grad(set_to_none=True)

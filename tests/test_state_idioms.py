@@ -2,6 +2,7 @@
 AdamL's answer to each: what torch.optim.Adam does, on the general path and on the fast path
 (issue 19)."""
 
+import collections
 import operator
 
 import pytest
@@ -143,3 +144,37 @@ def test_reading_the_state_of_a_parameter_without_state_changes_nothing(backend)
             assert opt.state_dict()["state"][3] == adam.state_dict()["state"][3] == {}
     runs[1][1].pop(3)
     assert_same(*runs)
+
+
+# ------------------------------------------------------------------ the whole state reset
+
+RESETS = {
+    "assign": lambda opt: setattr(opt, "state", collections.defaultdict(dict)),
+    "clear": lambda opt: opt.state.clear(),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reset", RESETS)
+def test_a_reset_state_starts_every_parameter_afresh_as_a_new_optimizer(backend, reset):
+    """Everything the state holds starts again, f_1 and the skip count too (as when an empty
+    state dict is loaded), as torch.optim.Adam starts every parameter afresh."""
+    params, opt = make(backend, normalize_loss=True)
+    train(params, opt, range(3))
+    opt.step(float("nan"))  # a skipped step: the count starts again too
+    RESETS[reset](opt)
+    fresh_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = AdamL(fresh_params, backend=backend, normalize_loss=True)
+    seeds, late_loss = range(3, 5), lambda k: torch.tensor(1.0 - 0.1 * k)
+    for ps, o in ((params, opt), (fresh_params, fresh)):
+        train(ps, o, [2], lambda k: float("inf"))  # skipped: counted afresh
+    train(params, opt, seeds, late_loss)
+    train(fresh_params, fresh, seeds, late_loss)
+    assert_same(snapshot(params, opt), snapshot(fresh_params, fresh))
+
+    adam_params, adam = make(None, torch.optim.Adam)
+    train(adam_params, adam, range(3))
+    RESETS[reset](adam)
+    train(adam_params, adam, seeds)
+    assert [int(opt.state[p]["step"]) for p in params] == [
+        int(adam.state[p]["step"]) for p in adam_params] == [2, 2, 2]
