@@ -16,6 +16,8 @@ found_inf already on that device. Anything else takes the general path.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import _extension
@@ -33,7 +35,8 @@ class FastPath:
     """The steady-state form of a step's plans (engine.py builds it after a general step)."""
 
     def __init__(self, groups, launches, tables, take, device):
-        self.groups = groups  # (group["params"], its length, slots, layout record, rows)
+        # (group["params"], the parameters it held, slots, layout record, rows)
+        self.groups = groups
         self.launches = launches  # (group index, the bucket's fixed launch arguments)
         self.tables = tables  # int64 [buckets, 2]: rows address, rows, for the prologue
         self.take = take
@@ -66,7 +69,7 @@ class FastPath:
                     planned.append(p)
             grads = [p.grad for p in planned]
             tables = [bucket.table() for bucket, _ in plan.buckets]
-            groups.append((params, len(params), torch.tensor(slots, dtype=torch.int64),
+            groups.append((params, tuple(params), torch.tensor(slots, dtype=torch.int64),
                            _extension.C.layout_record(planned, grads),
                            [t.rows_host for t in tables], [t.rows for t in tables]))
         rows = [(spec[0].data_ptr(), spec[3]) for _, spec in launches]
@@ -88,10 +91,14 @@ class FastPath:
             return False
         if len(param_groups) != len(self.groups):
             return False
-        for group, (params, n, *_) in zip(param_groups, self.groups):
+        for group, (params, planned, *_) in zip(param_groups, self.groups):
             lr = group["lr"]
-            if group["params"] is not params or len(params) != n or (
+            if group["params"] is not params or len(params) != len(planned) or (
                     isinstance(lr, torch.Tensor) and lr.device != self.device):
+                return False
+            # A parameter replaced in the list by another object (even over the same storage,
+            # which the C++ check cannot tell apart) has state of its own.
+            if any(map(operator.is_not, params, planned)):
                 return False
         return True
 

@@ -178,3 +178,30 @@ def test_a_reset_state_starts_every_parameter_afresh_as_a_new_optimizer(backend,
     train(adam_params, adam, seeds)
     assert [int(opt.state[p]["step"]) for p in params] == [
         int(adam.state[p]["step"]) for p in adam_params] == [2, 2, 2]
+
+
+# ------------------------------------------------------------------ a new Parameter, same storage
+
+class GeneralOnly(AdamL):
+    """AdamL with every step on the general path."""
+
+    def _step(self, loss=None, closure=None):
+        return self._general_step(loss, closure)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_parameter_over_the_same_storage_starts_afresh_on_both_paths(backend):
+    runs = []
+    for cls in (AdamL, GeneralOnly, torch.optim.Adam):
+        params, opt = make(backend, cls)
+        train(params, opt, range(3))
+        old = params[0]
+        params[0] = opt.param_groups[0]["params"][0] = torch.nn.Parameter(old.data)
+        train(params, opt, range(3, 5))
+        assert int(opt.state[old]["step"]) == 3  # the old object's entry stays, as in torch
+        runs.append([int(opt.state[p]["step"]) for p in params])
+        if cls is not torch.optim.Adam:
+            runs[-1] += [p.detach().clone() for p in params] + [
+                opt.state[p][key].clone() for p in params for key in ("exp_avg", "exp_avg_sq")]
+    assert runs[0][:3] == runs[2] == [2, 5, 5]
+    assert runs[0][:3] == runs[1][:3] and all(map(torch.equal, runs[0][3:], runs[1][3:]))
