@@ -88,7 +88,7 @@ class Bucket:
                  seed: int = 0):
         self.params = list(params)
         self.grads: list[torch.Tensor] | None = list(grads)  # None: released
-        self.grad_dtype = self.grads[0].dtype if self.grads else None
+        self.grad_dtype = self.grads[0].dtype  # kept when the gradients are released
         self.exp_avgs = list(exp_avgs)
         self.exp_avg_sqs = list(exp_avg_sqs)
         self.steps = list(steps)
