@@ -39,7 +39,7 @@ if load_error is None:
 
     @torch.library.register_fake("adaml_kernels::layout_record")
     def _layout_record_fake(params, grads):
-        size = sum(6 + 2 * p.dim() for p in params)
+        size = sum(7 + 2 * p.dim() for p in params)
         return torch.empty(size, dtype=torch.int64, device="cpu")
 
 def has_cuda_kernels() -> bool:

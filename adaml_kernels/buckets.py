@@ -16,8 +16,11 @@ a row in the chunk map), one program (Triton), block (CUDA) or loop iteration (C
 `chunk_tensor[c]` names the tensor that chunk c belongs to, and the chunk starts at element
 `(c - row[7]) * CHUNK` of that tensor. All offsets are 64-bit.
 
-The table holds raw addresses, so a bucket keeps references to every tensor it points at; the
-optimizer's plan (plan.py) rebuilds it whenever any of them moves or changes shape or layout.
+The table holds raw addresses, so a bucket keeps references to every tensor it points at, but
+for the gradients: those it holds only while a step uses them (attach_grads .. release_grads),
+so that zero_grad(set_to_none=True) frees them. The optimizer's plan (plan.py) rebuilds the
+table whenever a tensor moves or changes shape or layout, and points it at every step's
+gradients before the launch.
 Tables reach the device with non-blocking copies, so building one never waits for the device.
 """
 
@@ -80,7 +83,8 @@ class Bucket:
                  param_indices=None, element_offsets=None, stochastic_rounding: bool = False,
                  seed: int = 0):
         self.params = list(params)
-        self.grads = list(grads)
+        self.grads: list[torch.Tensor] | None = list(grads)  # None: released
+        self.grad_dtype = self.grads[0].dtype  # kept when the gradients are released
         self.exp_avgs = list(exp_avgs)
         self.exp_avg_sqs = list(exp_avg_sqs)
         self.steps = list(steps)
@@ -118,6 +122,14 @@ class Bucket:
                 aligned=self._table.aligned_but_grads and _all_aligned(ptrs, rows_host[:, Column.GRAD]),
                 aligned_but_grads=self._table.aligned_but_grads,
             )
+
+    def attach_grads(self, grads) -> None:
+        """The gradients of this launch, at the addresses the table already holds."""
+        self.grads = list(grads)
+
+    def release_grads(self) -> None:
+        """Drop the gradients after the launch (the table keeps their addresses only)."""
+        self.grads = None
 
     def advance_steps(self, take: torch.Tensor) -> None:
         """step += take (take is 1.0 for a step taken, 0.0 for a skipped one), on the device."""

@@ -96,7 +96,10 @@ class StepEngine:
         if loss is None and _every_lr_is_zero(groups):
             # torch.distributed.checkpoint makes a new optimizer's state with a step of zero
             # gradients, lr 0 and no loss: make the state, change nothing else.
-            self._apply(self._changes(groups, state, actives), groups, state)
+            try:
+                self._apply(self._changes(groups, state, actives), groups, state)
+            finally:
+                self._release_grads()
             return None
         losses.check_loss(loss)
         changes = self._changes(groups, state, actives)  # checked before anything changes
@@ -105,20 +108,24 @@ class StepEngine:
         if losses.is_nonfinite_number(loss) and process_group is None:
             # Skipped on the host alone (under loss averaging every rank must join the
             # all-reduce, so there the skip is decided on the device).
+            self._forget_scalars_of_a_reset_state(state)
             self._count_skip(None, groups)
             self.taken = torch.zeros((), dtype=torch.float32, device=self.home_device(groups))
             return loss
-        self._apply(changes, groups, state)
-
-        loss_t = self.step_loss(loss, process_group, self.initial_loss.device)
-        inputs = losses.settle(loss_t, found_inf, grad_scale, self.initial_loss)
-        self.taken = inputs.take
-        on_device = {}
-        for plan, group, (params, _) in zip(self.plans, groups, actives):
-            if plan is not None and plan.buckets and params:
-                planning.run(plan.buckets, Hyperparams.from_group(group), inputs, on_device)
-        self._count_skip(inputs.take, groups)
-        self.fast = FastPath.build(groups, self.plans, self.initial_loss.device)
+        try:
+            self._apply(changes, groups, state)
+            loss_t = self.step_loss(loss, process_group, self.initial_loss.device)
+            inputs = losses.settle(loss_t, found_inf, grad_scale, self.initial_loss)
+            self.taken = inputs.take
+            on_device = {}
+            for plan, group, (params, grads) in zip(self.plans, groups, actives):
+                if plan is not None and plan.buckets and params:
+                    plan.attach_grads(grads)
+                    planning.run(plan.buckets, Hyperparams.from_group(group), inputs, on_device)
+            self._count_skip(inputs.take, groups)
+            self.fast = FastPath.build(groups, self.plans, self.initial_loss.device)
+        finally:
+            self._release_grads()
         return loss
 
     # ----------------------------------------------------------------------------- plans
@@ -144,6 +151,7 @@ class StepEngine:
         return changes
 
     def _apply(self, changes: dict, groups, state) -> None:
+        self._forget_scalars_of_a_reset_state(state)
         for gi, (change, params, grads, names) in changes.items():
             if change == "grads":
                 self.plans[gi].replace_grads(grads)
@@ -154,6 +162,21 @@ class StepEngine:
                 for p in params:
                     self.share_scalars(state[p], groups)
         self.planned_state, self.planned_state_version = state, state.version
+
+    def _forget_scalars_of_a_reset_state(self, state) -> None:
+        """f_1 and the skip count belong to the state: once it holds them nowhere (emptied or
+        replaced: opt.state.clear(), opt.state = defaultdict(dict)), they start afresh, as a
+        new optimizer's, or after loading an empty state dict."""
+        if self.planned_state is None and self.initial_loss is not None and not any(
+                isinstance(st, dict) and "initial_loss" in st for st in state.values()):
+            self.initial_loss = self.skipped = None
+
+    def _release_grads(self) -> None:
+        """After the launches: the plans keep no gradient alive (zero_grad(set_to_none=True)
+        frees them); the next step points the tables at its own."""
+        for plan in self.plans:
+            if plan is not None:
+                plan.release_grads()
 
     def describe(self, num_groups: int) -> list[list[dict]]:
         plans = self.plans + [None] * (num_groups - len(self.plans))

@@ -21,6 +21,7 @@ import torch
 
 from . import _extension
 from .hyperparams import group_launch_values
+from .layout import DTYPE_CODES
 from .tensor_checks import is_dtensor
 
 FALLBACK = object()  # "take the general path"
@@ -32,7 +33,9 @@ class FastPath:
     """The steady-state form of a step's plans (engine.py builds it after a general step)."""
 
     def __init__(self, groups, refresh_args, launch_args, bucket_groups, take, device):
-        self.groups = groups  # per group: (group["params"], its length)
+        # per group: group["params"] and the parameters it held (kept alive: the layout record
+        # names each one's TensorImpl, so that another object in its place is seen)
+        self.groups = groups
         self.refresh_args = refresh_args  # slots, layout record, host rows, device rows
         self.launch_args = launch_args  # rows, host rows, chunk maps, configs, bucket_groups
         self.bucket_groups = bucket_groups
@@ -65,7 +68,7 @@ class FastPath:
                 slots.append(slot)
                 if slot >= 0:
                     planned.append(p)
-            groups.append((params, len(params)))
+            groups.append((params, tuple(params)))
         tables = [bucket.table() for bucket in buckets]
         rows, rows_hosts = [t.rows for t in tables], [t.rows_host for t in tables]
         record = torch.ops.adaml_kernels.layout_record(planned, [p.grad for p in planned])
@@ -83,8 +86,8 @@ class FastPath:
     def accepts(self, param_groups, loss, grad_scale, found_inf) -> bool:
         """Whether this step's inputs are what the fast path can take (else: the general path)."""
         if isinstance(loss, torch.Tensor):
-            if loss.device != self.device or loss.numel() != 1 or not loss.is_floating_point():
-                return False
+            if loss.device != self.device or loss.numel() != 1 or loss.dtype not in DTYPE_CODES:
+                return False  # (e.g. float8: the general path raises)
         elif not isinstance(loss, (float, int)) or isinstance(loss, bool):
             return False
         for t in (found_inf, grad_scale):
@@ -94,9 +97,9 @@ class FastPath:
             return False
         if len(param_groups) != len(self.groups):
             return False
-        for group, (params, n) in zip(param_groups, self.groups):
+        for group, (params, held) in zip(param_groups, self.groups):
             lr = group["lr"]
-            if group["params"] is not params or len(params) != n or (
+            if group["params"] is not params or len(params) != len(held) or (
                     isinstance(lr, torch.Tensor) and lr.device != self.device):
                 return False
         return True

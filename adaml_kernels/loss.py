@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The floating dtypes the kernels read a loss in (an integer loss is converted to float32).
+LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 NEEDS_LOSS = (
     "AdamL needs the current loss: call step(loss) with the loss whose gradients are in .grad "
     "(a 0-dim tensor or a number), step(closure) with a closure that recomputes and returns "
@@ -25,7 +28,8 @@ def is_real_number(x) -> bool:
 
 
 def check_loss(loss) -> None:
-    """Raise unless `loss` is a one-element real tensor or a real number."""
+    """Raise unless `loss` is a one-element real tensor holding a value the kernels can read, or
+    a real number."""
     if loss is None:
         raise TypeError(NEEDS_LOSS)
     if isinstance(loss, torch.Tensor):
@@ -36,6 +40,13 @@ def check_loss(loss) -> None:
             )
         if loss.is_complex() or loss.dtype == torch.bool:
             raise ValueError(f"loss must be a real number, got dtype {loss.dtype}")
+        if loss.is_floating_point() and loss.dtype not in LOSS_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in LOSS_DTYPES)
+            raise ValueError(
+                f"loss dtype {loss.dtype} is not supported; use one of {names} (e.g. loss.float())"
+            )
+        if loss.device.type == "meta":
+            raise ValueError("loss is on the meta device: it has no value to step with")
     elif not is_real_number(loss):
         raise TypeError(f"loss must be a 0-dim tensor or a real number, got {type(loss).__name__}")
 

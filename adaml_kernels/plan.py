@@ -35,9 +35,9 @@ ROW_GAP_BYTES = 4096 + 64
 DEFAULT_PRECISION = Precision()
 
 
-def param_key(p: torch.Tensor) -> tuple:
-    """What must not change in a parameter for its plan, table and state layout to hold (of a
-    DTensor: its local shard, whose address the kernels use)."""
+def layout_key(p: torch.Tensor) -> tuple:
+    """What must not change in a parameter (or gradient) for its plan, table and state layout to
+    hold (of a DTensor: its local shard, whose address the kernels use)."""
     t = local(p)
     return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
@@ -48,30 +48,26 @@ class GroupPlan:
 
     params: list[torch.Tensor]  # the parameters that have a gradient, in group order
     param_keys: list[tuple]
-    grad_ptrs: list[int] | None  # None once the fast path has repointed the tables
+    grad_keys: list[tuple] | None  # None once the fast path has repointed the tables
     buckets: list[tuple[Bucket, str]]  # with the backend that runs each
     members: list[list[int]]  # per bucket, its parameters' indices in `params`
-    grad_dtypes: list[torch.dtype] | None = None  # a bucket holds gradients of one dtype
 
     def change(self, params, grads) -> str | None:
         """None if the plan holds for these tensors, "grads" if only gradients moved, else "all"."""
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return "all"
-        if any(map(operator.ne, map(param_key, params), self.param_keys)):
+        if any(map(operator.ne, map(layout_key, params), self.param_keys)):
             return "all"
-        if self.grad_ptrs is None:  # the fast path repointed the tables: check the gradients
+        if self.grad_keys is None:  # the fast path repointed the tables: check the gradients
             return "grads"
         try:
-            if all(map(operator.eq, (local(g).data_ptr() for g in grads), self.grad_ptrs)):
-                # a bucket reads gradients of one dtype: one of another dtype at the same
-                # address (p.grad_dtype changed) needs a new plan (new_grads_fit checks moved ones)
-                if self.grad_dtypes is not None and any(
-                        map(operator.is_not, (g.dtype for g in grads), self.grad_dtypes)):
-                    return "all"
-                return None
+            # The plan keeps no gradient alive, so one at a planned address may be a new
+            # tensor laid out otherwise: its whole layout must match (new_grads_fit checks
+            # the others).
+            same = list(map(layout_key, grads)) == self.grad_keys
         except RuntimeError:  # e.g. a sparse gradient has no data pointer: revalidate
             return "all"
-        return "grads"
+        return None if same else "grads"
 
     def new_grads_fit(self, grads, requested: str) -> bool:
         """Check new gradients for the plan's parameters; False if they need a new plan (a
@@ -79,7 +75,7 @@ class GroupPlan:
         its bucket's). Raises if unusable."""
         for (bucket, name), idx in zip(self.buckets, self.members):
             fused = backends.is_fused(name)
-            dtype = bucket.grads[0].dtype
+            dtype = bucket.grad_dtype
             for p, i in zip(bucket.params, idx):  # p: the local tensor
                 g = grads[i]
                 check_grad(self.params[i], g)
@@ -94,19 +90,30 @@ class GroupPlan:
 
     def grads_repointed(self) -> None:
         """The fast path pointed the tables at new gradients: the next change() checks them."""
-        self.grad_ptrs = None
+        self.grad_keys = None
 
     def replace_grads(self, grads) -> None:
+        """Gradients at new addresses (checked by new_grads_fit): the tables are repointed."""
+        self.grad_keys = [layout_key(g) for g in grads]
         grads = [local(g) for g in grads]
         for (bucket, _), idx in zip(self.buckets, self.members):
             bucket.replace_grads([grads[i] for i in idx])
-        self.grad_ptrs = [g.data_ptr() for g in grads]
+
+    def attach_grads(self, grads) -> None:
+        """Hand the buckets this step's gradients (where change() found the tables point)."""
+        grads = [local(g) for g in grads]
+        for (bucket, _), idx in zip(self.buckets, self.members):
+            bucket.attach_grads([grads[i] for i in idx])
+
+    def release_grads(self) -> None:
+        for bucket, _ in self.buckets:
+            bucket.release_grads()
 
     def describe(self) -> list[dict]:
         return [
             dict(backend=name, device=str(b.device), dtype=str(b.dtype).removeprefix("torch."),
                  tensors=len(b.params), numel=sum(p.numel() for p in b.params),
-                 grad_dtype=str(b.grads[0].dtype).removeprefix("torch."),
+                 grad_dtype=str(b.grad_dtype).removeprefix("torch."),
                  state_dtype=str(b.exp_avgs[0].dtype).removeprefix("torch."),
                  master_weights=b.master_params is not None,
                  stochastic_rounding=b.stochastic_rounding)
@@ -175,10 +182,8 @@ def make_group_plan(params, grads, names, state, group_params, packed: dict, gi:
         )
         buckets.append((bucket, name))
         members.append(idx)
-    return GroupPlan(
-        list(params), [param_key(p) for p in params], [local(g).data_ptr() for g in grads],
-        buckets, members, [g.dtype for g in grads],
-    )
+    return GroupPlan(list(params), [layout_key(p) for p in params],
+                     [layout_key(g) for g in grads], buckets, members)
 
 
 def element_offset(p: torch.Tensor) -> int | None:
@@ -292,7 +297,7 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
         master_offsets, master_total = _offsets(members, torch.float32)
         master = torch.empty(master_total, dtype=torch.float32, device=device)
     for i, (p, off) in enumerate(zip(members, offsets)):
-        st = state[p]
+        st = state.laid_out_entry(p)
         shard = local(p)
         stride = moment_stride(shard)
         views = {

@@ -1,9 +1,10 @@
-"""The optimizer's state as torch.optim keeps it: a state dict that notices entries set or
-deleted, copies of state taken out of the flat buffers, and saved states brought back in."""
+"""The optimizer's state as torch.optim keeps it: a state dict that notices entries set, deleted
+or emptied, copies of state taken out of the flat buffers, and saved states brought back in."""
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 
 import torch
@@ -14,14 +15,29 @@ from .tensor_checks import is_dtensor
 
 
 class TrackedState(defaultdict):
-    """torch.optim's state (a defaultdict(dict)) that counts entries set or deleted, so that a
-    step notices `del opt.state[p]` or `opt.state[p] = {...}` and lays the state out anew.
-    (A tensor replaced inside an entry, `opt.state[p]["exp_avg"] = t`, is not seen: modify state
-    tensors in place.)"""
+    """torch.optim's state (a defaultdict(dict)) that counts entries set, deleted or emptied, so
+    that a step notices `del opt.state[p]`, `opt.state[p] = {...}` or `opt.state[p].clear()` and
+    lays the state out anew. Reading a missing entry inserts an empty one, as a defaultdict
+    does, and counts as no change. (A tensor replaced inside an entry,
+    `opt.state[p]["exp_avg"] = t`, is not seen: modify state tensors in place.)"""
 
     def __init__(self, items=()):
         super().__init__(dict, items)
         self.version = 0
+
+    def __missing__(self, key):
+        entry = ParamState(self)
+        dict.__setitem__(self, key, entry)  # an empty entry lays out nothing: not counted
+        return entry
+
+    def laid_out_entry(self, key) -> "ParamState":
+        """key's entry, about to hold views of the flat buffers: a ParamState of this state,
+        so that emptying it later is counted (a dict set by the user is replaced by one)."""
+        entry = self[key]
+        if not (isinstance(entry, ParamState) and entry.owner is self):
+            entry = ParamState(self, entry)
+            dict.__setitem__(self, key, entry)  # the same items: not counted
+        return entry
 
     def __setitem__(self, key, value):
         self.version += 1
@@ -62,6 +78,47 @@ class TrackedState(defaultdict):
         for k, v in self.items():
             dict.__setitem__(out, copy.deepcopy(k, memo), copy.deepcopy(v, memo))
         return out
+
+
+class ParamState(dict):
+    """One parameter's entry of a TrackedState: removing keys from it (clear(), pop(), del)
+    counts as a change of its state, so that the next step starts that parameter afresh, as
+    torch.optim.Adam does with an emptied entry. Saved, pickled and copied as a plain dict."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: TrackedState, items=()):
+        super().__init__(items)
+        self._owner = weakref.ref(owner)  # no cycle: the state's buffers go with the optimizer
+
+    @property
+    def owner(self) -> TrackedState | None:
+        return self._owner()
+
+    def _changed(self) -> None:
+        owner = self._owner()
+        if owner is not None:
+            owner.version += 1
+
+    def __delitem__(self, key):
+        self._changed()
+        super().__delitem__(key)
+
+    def pop(self, key, *default):
+        if key in self:
+            self._changed()
+        return super().pop(key, *default)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def clear(self):
+        self._changed()
+        super().clear()
+
+    def __reduce__(self):
+        return dict, (dict(self),)
 
 
 def copy_out(value):

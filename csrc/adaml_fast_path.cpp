@@ -24,9 +24,16 @@ int64_t address(const at::Tensor& t) {
   return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
 }
 
-// Layout record of a parameter: address, dtype, device, dim, sizes, strides, and the dtype its
-// bucket reads gradients in (the parameter's, or float32 for fp16/bf16 parameters).
+// The tensor object itself: a new Parameter over the same storage has the same address but is
+// another parameter, with a state of its own. (fast_path.py keeps the planned ones alive.)
+int64_t identity(const at::Tensor& t) {
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(t.unsafeGetTensorImpl()));
+}
+
+// Layout record of a parameter: identity, address, dtype, device, dim, sizes, strides, and the
+// dtype its bucket reads gradients in (the parameter's, or float32 for fp16/bf16 parameters).
 void append_layout(std::vector<int64_t>& out, const at::Tensor& p, const at::Tensor& g) {
+  out.push_back(identity(p));
   out.push_back(address(p));
   out.push_back(static_cast<int64_t>(p.scalar_type()));
   out.push_back(static_cast<int64_t>(p.device().type()));
@@ -38,7 +45,8 @@ void append_layout(std::vector<int64_t>& out, const at::Tensor& p, const at::Ten
 }
 
 bool layout_matches(const at::Tensor& p, const int64_t* rec, int64_t& at, int64_t end) {
-  if (at + 5 > end) return false;
+  if (at + 6 > end || rec[at] != identity(p)) return false;
+  ++at;
   if (rec[at] != address(p) || rec[at + 1] != static_cast<int64_t>(p.scalar_type()) ||
       rec[at + 2] != static_cast<int64_t>(p.device().type()) ||
       rec[at + 3] != static_cast<int64_t>(p.device().index()) || rec[at + 4] != p.dim()) {
