@@ -16,6 +16,10 @@ from .fsdp import format_fsdp_table, fsdp_header_lines, fsdp_ratio_lines, run_fs
 from .goals import goal_lines, host_goal_lines
 from .host_overhead import HOST_COUNTS, SMOKE_COUNTS, run_host_overhead
 from .memory import format_memory_table, run_memory_check
+from .memory_cpu import (
+    DEFAULT_SIZE, format_memory_cpu_table, memory_cpu_header_lines, parse_mem_size,
+    run_memory_cpu,
+)
 from .modes import MODES
 from .report import (
     busy_warnings, format_host_table, format_table, header_lines, host_header_lines, write_json,
@@ -67,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA only: instead of timing, report the peak memory one opt.step "
                         "allocates beyond the state, per optimizer (default cases: 16M, 256M "
                         "and both lists)")
+    p.add_argument("--memory-cpu", action="store_true",
+                   help="instead of timing, the CPU memory benchmark: peak and resident RSS of "
+                        "training steps on a stack of Linear layers (--mem-size), each scenario "
+                        "(steady state, a late parameter, state_dict, zero_grad) and optimizer "
+                        "(AdamL cpu and reference, torch fused Adam) in a fresh process, in MB "
+                        "above the baseline (model, parameters and first gradients); always "
+                        "on the CPU")
+    p.add_argument("--mem-size", default=DEFAULT_SIZE, metavar="LAYERSxWIDTH",
+                   help=f"--memory-cpu's model: LAYERS x nn.Linear(WIDTH, WIDTH) (default "
+                        f"{DEFAULT_SIZE}: 100.7M parameters, 403 MB)")
     p.add_argument("--host-overhead", nargs="?", const="default", default=None,
                    metavar="COUNTS",
                    help="instead of the size sweep, time the host-overhead case: COUNTS "
@@ -137,12 +151,20 @@ def main(argv=None) -> int:
         parser.error("--dtype: give at least one dtype")
     if counts is not None and not counts:
         parser.error("--host-overhead: give at least one tensor count")
-    if sum((counts is not None, args.fsdp is not None, args.memory_check)) > 1:
-        parser.error("--host-overhead, --memory-check and --fsdp are separate runs: choose one")
+    if sum((counts is not None, args.fsdp is not None, args.memory_check, args.memory_cpu)) > 1:
+        parser.error("--host-overhead, --memory-check, --memory-cpu and --fsdp are separate "
+                     "runs: choose one")
+    if args.memory_cpu:
+        try:
+            parse_mem_size(args.mem_size)
+        except ValueError as e:
+            parser.error(str(e))
     if args.fsdp is not None and args.fsdp < 0:
         parser.error("--fsdp: the number of ranks must be >= 1")
 
     t_start = time.perf_counter()
+    if args.memory_cpu:
+        return _memory_cpu(args, wanted, t_start)
     if args.memory_check:
         return _memory_check(args, device, sizes, lists, dtypes, wanted, modes)
     if counts is not None:
@@ -231,6 +253,23 @@ def _fsdp(args, device, dtypes, wanted, t_start) -> int:
         print("note: no plot for the FSDP2 case")
     print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0 if any(r["median_ms"] is not None for r in rows) else 1
+
+
+def _memory_cpu(args, wanted, t_start) -> int:
+    rows, info = run_memory_cpu(args.mem_size, wanted, threads=args.threads)
+    for line in memory_cpu_header_lines(info):
+        print(line)
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print()
+    print(format_memory_cpu_table(rows))
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print("note: no plot for the CPU memory benchmark")
+    print(f"done in {time.perf_counter() - t_start:.1f} s")
+    return 0 if any(r["value_mb"] is not None for r in rows) else 1
 
 
 def _memory_check(args, device, sizes, lists, dtypes, wanted, modes) -> int:
