@@ -74,14 +74,24 @@ class StepEngine:
             return FALLBACK
         if loss is None:
             loss = self.pending.total
-        if not fast.accepts(groups, loss, grad_scale, found_inf) or not fast.refresh_grads():
+        if not fast.accepts(groups, loss, grad_scale, found_inf):
             return FALLBACK
+        process_group = losses.process_group(self.loss_group)
+        if process_group is None:  # one call: the gradients' check, then the step
+            loss_t = self.step_loss(loss, None, fast.device)
+            if not fast.run(groups, loss_t, grad_scale, found_inf, self.initial_loss,
+                            self.skipped, refresh=True):
+                return FALLBACK
+        else:  # the gradients checked before the loss's all-reduce, which every rank joins
+            if not fast.refresh_grads():
+                return FALLBACK
+            loss_t = self.step_loss(loss, process_group, fast.device)
+            fast.run(groups, loss_t, grad_scale, found_inf, self.initial_loss, self.skipped,
+                     refresh=False)
         for plan in self.plans:
             plan.grads_repointed()
         self.pending.take()
-        loss_t = self.step_loss(loss, losses.process_group(self.loss_group), fast.device)
-        self.taken = fast.run(groups, loss_t, grad_scale, found_inf, self.initial_loss,
-                              self.skipped)
+        self.taken = fast.take
         return loss
 
     def general_step(self, groups, state, loss, grad_scale, found_inf):

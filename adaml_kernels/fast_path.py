@@ -2,13 +2,17 @@
 
 After a step on the general path (engine.py, plan.py) has checked and planned everything, a
 FastPath holds, per param group, the plan in the form the C++ ops read (csrc/adaml_fast_path.cpp).
-The next steps then cost two op calls whatever the number of tensors and groups:
+The next steps then cost one op call whatever the number of tensors and groups, fast_step_:
 
-    refresh_grads_  every parameter and gradient checked against the plans in C++, the tables
+    refresh         every parameter and gradient checked against the plans in C++, the tables
                     pointed at the new gradients, the parameters' versions bumped (anything
                     unexpected: nothing changes, and the general path takes the step)
-    fast_step_      the skip decision, f_1, the skip count and every step count (the
-                    prologue), then every bucket's kernel from its table
+    prologue        the skip decision, f_1, the skip count and every step count
+    launches        every bucket's kernel from its table
+
+Under loss averaging the refresh is its own op, refresh_grads_, called before the loss's
+all-reduce (every rank must join the all-reduce; a rank whose step falls back to the general
+path joins it there), and fast_step_ does the rest.
 
 It applies only where those calls can do everything the general path would: the "cpu" and
 "cuda" backends, plain (not DTensor) parameters, one device, and a loss, lr, grad scale and
@@ -42,6 +46,8 @@ class FastPath:
         self.take = take
         self.device = device
         self.status = torch.zeros(1, dtype=torch.int64)  # refresh_grads_'s answer
+        empty = torch.zeros(0, dtype=torch.int64)
+        self.no_refresh = (empty, empty, None, None)  # fast_step_ after refresh_grads_
         self.status_value = self.status.numpy()  # read without a torch call
 
     @staticmethod
@@ -107,21 +113,28 @@ class FastPath:
     def refresh_grads(self) -> bool:
         """Check every parameter and gradient against the plans (in C++) and point the tables
         at the new gradients; False if anything else changed (the general path re-plans)."""
-        groups = self.groups
-        params = groups[0][0] if len(groups) == 1 else [p for ps, _ in groups for p in ps]
-        torch.ops.adaml_kernels.refresh_grads_.default(params, *self.refresh_args, self.status)
+        torch.ops.adaml_kernels.refresh_grads_.default(self._params(), *self.refresh_args,
+                                                       self.status)
         return self.status_value[0] != _CHANGED
 
-    def run(self, param_groups, loss_t, grad_scale, found_inf, initial_loss, skipped):
-        """The prologue (take, f_1, skip count, step counts) and every bucket's launch;
-        returns `take`."""
+    def run(self, param_groups, loss_t, grad_scale, found_inf, initial_loss, skipped,
+            refresh: bool) -> bool:
+        """The step: with `refresh`, refresh_grads first (in the same call); then the prologue
+        (take, f_1, skip count, step counts) and every bucket's launch. False (nothing done)
+        if the refresh found anything but new gradients."""
         hypers, lr_tensors = [], []
         for group in param_groups:  # hyperparameters may change between steps
             lr = group["lr"]
             lr_tensors.append(lr.reshape(()) if isinstance(lr, torch.Tensor) else None)
             hypers.extend(group_launch_values(group))
+        slots, record, _, _ = self.refresh_args if refresh else self.no_refresh
         rows, rows_hosts, chunks, configs, bucket_groups, tables = self.launch_args
         torch.ops.adaml_kernels.fast_step_.default(
-            rows, rows_hosts, chunks, configs, bucket_groups, hypers, lr_tensors, loss_t,
-            found_inf, grad_scale, initial_loss, skipped, self.take, tables)
-        return self.take
+            self._params() if refresh else [], slots, record, self.status, rows, rows_hosts,
+            chunks, configs, bucket_groups, hypers, lr_tensors, loss_t, found_inf, grad_scale,
+            initial_loss, skipped, self.take, tables)
+        return self.status_value[0] != _CHANGED
+
+    def _params(self) -> list:
+        groups = self.groups
+        return groups[0][0] if len(groups) == 1 else [p for ps, _ in groups for p in ps]

@@ -278,8 +278,10 @@ void step_prologue_cuda(const at::Tensor& loss, const std::optional<at::Tensor>&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void fast_step_cuda(at::TensorList rows, at::TensorList rows_hosts, at::TensorList chunks,
-                    c10::ArrayRef<int64_t> configs, c10::ArrayRef<int64_t> bucket_groups,
+void fast_step_cuda(at::TensorList params, const at::Tensor& slots, const at::Tensor& record,
+                    const at::Tensor& status, at::TensorList rows, at::TensorList rows_hosts,
+                    at::TensorList chunks, c10::ArrayRef<int64_t> configs,
+                    c10::ArrayRef<int64_t> bucket_groups,
                     c10::ArrayRef<double> hypers,
                     const c10::List<std::optional<at::Tensor>>& lr_tensors,
                     const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
@@ -287,9 +289,9 @@ void fast_step_cuda(at::TensorList rows, at::TensorList rows_hosts, at::TensorLi
                     const at::Tensor& initial_loss, const at::Tensor& skipped,
                     const at::Tensor& take, const at::Tensor& tables) {
   const c10::cuda::CUDAGuard guard(take.device());
-  fast_step(rows, rows_hosts, chunks, configs, bucket_groups, hypers, lr_tensors, loss,
-            found_inf, grad_scale, initial_loss, skipped, take, tables, &step_prologue_cuda,
-            &run_cuda_step);
+  fast_step(params, slots, record, status, rows, rows_hosts, chunks, configs, bucket_groups,
+            hypers, lr_tensors, loss, found_inf, grad_scale, initial_loss, skipped, take, tables,
+            &step_prologue_cuda, &run_cuda_step);
 }
 
 // Why the kernel cannot run on GPU `device` ("" if it can): the build's architecture list may

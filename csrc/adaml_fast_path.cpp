@@ -165,9 +165,10 @@ void step_prologue_cpu(const at::Tensor& loss, const std::optional<at::Tensor>& 
 
 }  // namespace
 
-void fast_step(at::TensorList rows, at::TensorList rows_hosts, at::TensorList chunks,
-               c10::ArrayRef<int64_t> configs, c10::ArrayRef<int64_t> bucket_groups,
-               c10::ArrayRef<double> hypers,
+void fast_step(at::TensorList params, const at::Tensor& slots, const at::Tensor& record,
+               const at::Tensor& status, at::TensorList rows, at::TensorList rows_hosts,
+               at::TensorList chunks, c10::ArrayRef<int64_t> configs,
+               c10::ArrayRef<int64_t> bucket_groups, c10::ArrayRef<double> hypers,
                const c10::List<std::optional<at::Tensor>>& lr_tensors, const at::Tensor& loss,
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& grad_scale, const at::Tensor& initial_loss,
@@ -181,6 +182,8 @@ void fast_step(at::TensorList rows, at::TensorList rows_hosts, at::TensorList ch
                   hypers.size() == groups * kHyperFields && tables.size(0) == int64_t(buckets),
               kOp, "per bucket: rows, rows_hosts, chunks, a group and ", kConfigFields,
               " config values; per group: ", kHyperFields, " hyper values and an lr tensor");
+  refresh_grads(params, slots, record, rows_hosts, rows, status);
+  if (*status.const_data_ptr<int64_t>() == kChanged) return;
   prologue(loss, found_inf, initial_loss, skipped, take, tables);
   for (size_t b = 0; b < buckets; ++b) {
     const int64_t g = bucket_groups[b];
@@ -194,16 +197,18 @@ void fast_step(at::TensorList rows, at::TensorList rows_hosts, at::TensorList ch
 
 namespace {
 
-void fast_step_cpu(at::TensorList rows, at::TensorList rows_hosts, at::TensorList chunks,
-                   c10::ArrayRef<int64_t> configs, c10::ArrayRef<int64_t> bucket_groups,
+void fast_step_cpu(at::TensorList params, const at::Tensor& slots, const at::Tensor& record,
+                   const at::Tensor& status, at::TensorList rows, at::TensorList rows_hosts,
+                   at::TensorList chunks, c10::ArrayRef<int64_t> configs,
+                   c10::ArrayRef<int64_t> bucket_groups,
                    c10::ArrayRef<double> hypers,
                    const c10::List<std::optional<at::Tensor>>& lr_tensors,
                    const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& grad_scale, const at::Tensor& initial_loss,
                    const at::Tensor& skipped, const at::Tensor& take, const at::Tensor& tables) {
-  fast_step(rows, rows_hosts, chunks, configs, bucket_groups, hypers, lr_tensors, loss,
-            found_inf, grad_scale, initial_loss, skipped, take, tables, &step_prologue_cpu,
-            &run_cpu_step);
+  fast_step(params, slots, record, status, rows, rows_hosts, chunks, configs, bucket_groups,
+            hypers, lr_tensors, loss, found_inf, grad_scale, initial_loss, skipped, take, tables,
+            &step_prologue_cpu, &run_cpu_step);
 }
 
 }  // namespace

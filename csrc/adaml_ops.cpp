@@ -580,20 +580,23 @@ TORCH_LIBRARY(adaml_kernels, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor(d!)[] master_params, Tensor rows, "
       "Tensor rows_host, Tensor chunk_tensor, float[] hyper, int[] config, Tensor loss, "
       "Tensor take, Tensor? lr_tensor, Tensor? grad_scale, Tensor? initial_loss) -> ()");
-  // The steady-state step (adaml_fast_path.cpp, fast_path.py), in two calls. refresh_grads_:
-  // every param group's parameters and gradients checked against their plan, the tables
-  // repointed at the new gradients; status[0] = 2 if anything else changed (nothing was done:
-  // the general path takes the step). fast_step_: the prologue (take, f_1, the skip count, the
-  // step counts) and every bucket launched from its table (what it writes is reached through
-  // the tables; refresh_grads_ bumped the parameters' versions).
+  // The steady-state step (adaml_fast_path.cpp, fast_path.py). refresh_grads_: every param
+  // group's parameters and gradients checked against their plan, the tables repointed at the
+  // new gradients, the parameters' versions bumped; status[0] = 2 if anything else changed
+  // (nothing was done: the general path takes the step). fast_step_: the same refresh (given
+  // the parameters; none when refresh_grads_ was called first, as under loss averaging, whose
+  // all-reduce must come between), then the prologue (take, f_1, the skip count, the step
+  // counts) and every bucket launched from its table (what it writes is reached through the
+  // tables).
   m.def(
       "refresh_grads_(Tensor[] params, Tensor slots, Tensor record, Tensor(a!)[] rows_hosts, "
       "Tensor(b!)[] rows, Tensor(c!) status) -> ()");
   m.def(
-      "fast_step_(Tensor[] rows, Tensor[] rows_hosts, Tensor[] chunks, int[] configs, "
+      "fast_step_(Tensor(a!)[] params, Tensor slots, Tensor record, Tensor(b!) status, "
+      "Tensor(c!)[] rows, Tensor(d!)[] rows_hosts, Tensor[] chunks, int[] configs, "
       "int[] bucket_groups, float[] hypers, Tensor?[] lr_tensors, Tensor loss, "
-      "Tensor? found_inf, Tensor? grad_scale, Tensor(a!) initial_loss, Tensor(b!) skipped, "
-      "Tensor(c!) take, Tensor tables) -> ()");
+      "Tensor? found_inf, Tensor? grad_scale, Tensor(e!) initial_loss, Tensor(f!) skipped, "
+      "Tensor(g!) take, Tensor tables) -> ()");
   // What fast_step_ compares a param group with: its planned params' layout.
   m.def("layout_record(Tensor[] params, Tensor[] grads) -> Tensor");
   // The instruction set the CPU kernel runs with: "avx512", "avx2" or "default".

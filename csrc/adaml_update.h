@@ -574,14 +574,15 @@ StepLaunch make_launch(KernelTable table, c10::ArrayRef<double> hyper,
 void run_cpu_step(const StepLaunch& s);  // adaml_ops.cpp
 
 // The steady-state step, fast_step_ (adaml_fast_path.cpp), with the device's prologue and
-// launch: the CPU's, or adaml_cuda.cu's.
+// launch: the CPU's, or adaml_cuda.cu's. `params` empty: refresh_grads_ was called before.
 using PrologueFn = void (*)(const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
                             const at::Tensor& initial_loss, const at::Tensor& skipped,
                             const at::Tensor& take, const at::Tensor& tables);
 using RunFn = void (*)(const StepLaunch& s);
-void fast_step(at::TensorList rows, at::TensorList rows_hosts, at::TensorList chunks,
-               c10::ArrayRef<int64_t> configs, c10::ArrayRef<int64_t> bucket_groups,
-               c10::ArrayRef<double> hypers,
+void fast_step(at::TensorList params, const at::Tensor& slots, const at::Tensor& record,
+               const at::Tensor& status, at::TensorList rows, at::TensorList rows_hosts,
+               at::TensorList chunks, c10::ArrayRef<int64_t> configs,
+               c10::ArrayRef<int64_t> bucket_groups, c10::ArrayRef<double> hypers,
                const c10::List<std::optional<at::Tensor>>& lr_tensors, const at::Tensor& loss,
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& grad_scale, const at::Tensor& initial_loss,
