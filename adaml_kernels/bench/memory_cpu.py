@@ -234,14 +234,16 @@ def _rows_of(scenario: str, optimizer: str, r: dict) -> list[dict]:
     return rows
 
 
-def _add_ratios(rows: list[dict], min_mb: float = 1.0) -> None:
+def _add_ratios(rows: list[dict], param_bytes: int) -> None:
     """x torch fused: the value over torch fused Adam's for the same scenario, where torch's
-    value is at least `min_mb` MB in magnitude (below that a ratio is noise)."""
+    value is positive and at least 1 MB and 1% of the parameters' bytes (below that, e.g.
+    torch's late_param, which is about 0, a ratio is noise)."""
+    floor = max(1.0, 0.01 * param_bytes / MB)
     torch_values = {r["scenario"]: r["value_mb"] for r in rows
                     if r["optimizer"] == "torch_fused" and r["value_mb"] is not None}
     for r in rows:
         t = torch_values.get(r["scenario"])
-        if r["value_mb"] is not None and t is not None and abs(t) >= min_mb:
+        if r["value_mb"] is not None and t is not None and t >= floor:
             r["vs_torch_fused"] = round(r["value_mb"] / t, 3)
 
 
@@ -290,11 +292,12 @@ def run_memory_cpu(size: str = DEFAULT_SIZE, wanted=None, threads: int | None = 
         rows += _rows_of(scenario, opt, r)
     order = {n: i for i, n in enumerate(ROWS)}
     rows.sort(key=lambda r: (order[r["scenario"]], optimizers.index(r["optimizer"])))
-    _add_ratios(rows)
     ok = [r for r in results if "error" not in r]
+    param_bytes = ok[0]["param_bytes"] if ok else 4 * layers * (width * width + width)
+    _add_ratios(rows, param_bytes)
     info = {"env": environment(torch.device("cpu")), "layers": layers, "width": width,
             "batch": BATCH, "n_params": layers * (width * width + width),
-            "param_bytes": ok[0]["param_bytes"] if ok else 4 * layers * (width * width + width),
+            "param_bytes": param_bytes,
             "baselines": [r["baseline"] for r in ok], "notes": notes, "jobs": jobs,
             "threads": threads or torch.get_num_threads(),
             "hwm_reset": all(r.get("hwm_reset", False) for r in ok),
@@ -325,7 +328,8 @@ def memory_cpu_header_lines(info: dict) -> list[str]:
         "late_param: peak of step 5, where a 10-element parameter (in the group from the start) "
         "gets its first gradient, minus steady_peak; state_dict: peak while opt.state_dict() "
         "runs after step 4; zero_grad: RSS after step 4's zero_grad (own process). "
-        "MB = 2^20 bytes; x fused = MB / torch fused Adam's MB (shown where torch's is >= 1 MB).",
+        "MB = 2^20 bytes; x fused = MB / torch fused Adam's MB, shown where torch's is >= 1 MB "
+        "and >= 1% of the parameters' MB.",
     ]
 
 
