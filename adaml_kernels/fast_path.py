@@ -36,18 +36,18 @@ _CHANGED = 2  # refresh_grads_: something other than the gradients changed
 class FastPath:
     """The steady-state form of a step's plans (engine.py builds it after a general step)."""
 
-    def __init__(self, groups, refresh_args, launch_args, bucket_groups, take, device):
+    def __init__(self, groups, check_args, launch_args, take, device):
         # per group: group["params"] and the parameters it held (kept alive: the layout record
         # names each one's TensorImpl, so that another object in its place is seen)
         self.groups = groups
-        self.refresh_args = refresh_args  # slots, layout record, host rows, device rows
-        self.launch_args = launch_args  # rows, host rows, chunk maps, configs, bucket_groups
-        self.bucket_groups = bucket_groups
+        self.check_args = check_args  # what the gradients' check compares: slots, layout record
+        self.launch_args = launch_args  # rows, host rows, chunk maps, configs, bucket groups,
+        # and the prologue's table
         self.take = take
         self.device = device
         self.status = torch.zeros(1, dtype=torch.int64)  # refresh_grads_'s answer
         empty = torch.zeros(0, dtype=torch.int64)
-        self.no_refresh = (empty, empty, None, None)  # fast_step_ after refresh_grads_
+        self.no_check_args = (empty, empty)  # fast_step_ after refresh_grads_
         self.status_value = self.status.numpy()  # read without a torch call
 
     @staticmethod
@@ -78,16 +78,15 @@ class FastPath:
         tables = [bucket.table() for bucket in buckets]
         rows, rows_hosts = [t.rows for t in tables], [t.rows_host for t in tables]
         record = torch.ops.adaml_kernels.layout_record(planned, [p.grad for p in planned])
-        refresh_args = (torch.tensor(slots, dtype=torch.int64), record, rows_hosts, rows)
-        configs = [value for bucket in buckets for value in bucket.config]
-        launch_args = (rows, rows_hosts, [t.chunk_tensor for t in tables], configs,
-                       bucket_groups)
+        check_args = (torch.tensor(slots, dtype=torch.int64), record)
         # The prologue's list of tables: each one's rows (on the device) and row count.
         counts = [(r.data_ptr(), r.shape[0]) for r in rows]
-        launch_tables = torch.tensor(counts, dtype=torch.int64).reshape(-1, 2).to(device)
+        prologue_tables = torch.tensor(counts, dtype=torch.int64).reshape(-1, 2).to(device)
+        launch_args = (rows, rows_hosts, [t.chunk_tensor for t in tables],
+                       [value for bucket in buckets for value in bucket.config], bucket_groups,
+                       prologue_tables)
         take = torch.zeros((), dtype=torch.float32, device=device)
-        return FastPath(groups, refresh_args, launch_args + (launch_tables,), bucket_groups,
-                        take, device)
+        return FastPath(groups, check_args, launch_args, take, device)
 
     def accepts(self, param_groups, loss, grad_scale, found_inf) -> bool:
         """Whether this step's inputs are what the fast path can take (else: the general path)."""
@@ -113,8 +112,9 @@ class FastPath:
     def refresh_grads(self) -> bool:
         """Check every parameter and gradient against the plans (in C++) and point the tables
         at the new gradients; False if anything else changed (the general path re-plans)."""
-        torch.ops.adaml_kernels.refresh_grads_.default(self._params(), *self.refresh_args,
-                                                       self.status)
+        rows, rows_hosts = self.launch_args[:2]
+        torch.ops.adaml_kernels.refresh_grads_.default(self._params(), *self.check_args,
+                                                       rows_hosts, rows, self.status)
         return self.status_value[0] != _CHANGED
 
     def run(self, param_groups, loss_t, grad_scale, found_inf, initial_loss, skipped,
@@ -127,7 +127,7 @@ class FastPath:
             lr = group["lr"]
             lr_tensors.append(lr.reshape(()) if isinstance(lr, torch.Tensor) else None)
             hypers.extend(group_launch_values(group))
-        slots, record, _, _ = self.refresh_args if refresh else self.no_refresh
+        slots, record = self.check_args if refresh else self.no_check_args
         rows, rows_hosts, chunks, configs, bucket_groups, tables = self.launch_args
         torch.ops.adaml_kernels.fast_step_.default(
             self._params() if refresh else [], slots, record, self.status, rows, rows_hosts,

@@ -231,9 +231,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
                   chunk_tensor, hyper, config, loss, take, lr_tensor, grad_scale, initial_loss,
                   c10::DeviceType::CUDA);
-  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, master_params}) {
-    bump_versions(written);
-  }
+  bump_versions({params, exp_avgs, exp_avg_sqs, master_params});
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool capturing =

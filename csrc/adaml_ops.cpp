@@ -30,9 +30,11 @@ int scalar_type_code(const at::Tensor& t) {
   }
 }
 
-void bump_versions(at::TensorList tensors) {
-  for (const at::Tensor& t : tensors) {
-    if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
+void bump_versions(std::initializer_list<at::TensorList> written) {
+  for (at::TensorList tensors : written) {
+    for (const at::Tensor& t : tensors) {
+      if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
+    }
   }
 }
 
@@ -459,9 +461,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
                   chunk_tensor, hyper, config, loss, take, lr_tensor, grad_scale, initial_loss,
                   c10::DeviceType::CPU);
-  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, master_params}) {
-    bump_versions(written);
-  }
+  bump_versions({params, exp_avgs, exp_avg_sqs, master_params});
   if (params.empty()) return;
   // A skipped step reads and writes nothing else.
   if (*take.const_data_ptr<float>() == 0.0f) return;

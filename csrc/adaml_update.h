@@ -507,6 +507,7 @@ void dispatch_config(int pt, int gt, int mt, bool master, bool sr, F&& f) {
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <initializer_list>
 #include <optional>
 
 namespace adaml {
@@ -591,6 +592,6 @@ void fast_step(at::TensorList params, const at::Tensor& slots, const at::Tensor&
 
 // The in-place writes of a launch, made known to autograd as torch's own in-place ops do (a
 // backward through a graph that saved the old values then raises instead of using new ones).
-void bump_versions(at::TensorList tensors);
+void bump_versions(std::initializer_list<at::TensorList> written);
 
 }  // namespace adaml

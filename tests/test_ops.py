@@ -38,7 +38,7 @@ def test_opcheck_fast_step(normalize_loss, found_inf):
 
     model, opt, loss = stepped_optimizer(normalize_loss=normalize_loss)
     fast = opt.engine.fast
-    slots, record, _, _ = fast.refresh_args
+    slots, record = fast.check_args
     rows, rows_hosts, chunks, configs, bucket_groups, tables = fast.launch_args
     args = (list(model.parameters()), slots, record, torch.zeros(1, dtype=torch.int64), rows,
             rows_hosts, chunks, configs, bucket_groups,
@@ -61,8 +61,10 @@ def test_opcheck_layout_record_and_refresh_grads():
     torch.library.opcheck(ops.layout_record.default, (params, [p.grad for p in params]),
                           test_utils=checks)
     status = torch.zeros(1, dtype=torch.int64)
+    slots, record = opt.engine.fast.check_args
+    rows, rows_hosts = opt.engine.fast.launch_args[:2]
     torch.library.opcheck(ops.refresh_grads_.default,
-                          (params, *opt.engine.fast.refresh_args, status), test_utils=checks)
+                          (params, slots, record, rows_hosts, rows, status), test_utils=checks)
     assert status.item() in (0, 1)  # the gradients were checked and repointed, nothing else
 
 
