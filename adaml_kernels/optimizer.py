@@ -15,7 +15,7 @@ from .engine import StepEngine
 from .fast_path import FALLBACK
 from .hyperparams import DEFAULTS, validate_group
 from .precision import MASTER_KEY, Precision
-from .state import TrackedState, copy_out, first_value, import_param_state, saved_scalar
+from .state import TrackedState, first_value, import_param_state, saved_scalar
 from .tensor_checks import check_param
 
 
@@ -193,8 +193,9 @@ class AdamL(torch.optim.Optimizer):
         self.engine.load_scalars(saved["_initial_loss"], saved["_skipped"])
 
     def state_dict(self) -> dict:
-        """As torch.optim.Adam's, with each state tensor copied out of the flat buffers, and f_1
-        and the skip count as numbers (so that they survive a torch.optim.Adam round trip)."""
+        """As torch.optim.Adam's: the state tensors themselves (views of the flat buffers, no
+        copy; later steps change them, as torch's do), with f_1 and the skip count as numbers
+        (so that they survive a torch.optim.Adam round trip)."""
         sd = super().state_dict()
         numbers = {}  # f_1 and the skip count: tensors shared by every entry, read once each
 
@@ -203,10 +204,10 @@ class AdamL(torch.optim.Optimizer):
                 if (key, value.data_ptr()) not in numbers:
                     numbers[key, value.data_ptr()] = saved_scalar(value)
                 return numbers[key, value.data_ptr()]
-            return copy_out(value)
+            return value
 
         sd["state"] = {i: {k: saved(k, v) for k, v in st.items()} if isinstance(st, dict)
-                       else copy_out(st) for i, st in sd["state"].items()}
+                       else st for i, st in sd["state"].items()}
         if self.precision.stochastic_rounding:
             sd["adaml"] = {"seed": self.precision.seed}
         return sd

@@ -1,5 +1,5 @@
 """The optimizer's state as torch.optim keeps it: a state dict that notices entries set, deleted
-or emptied, copies of state taken out of the flat buffers, and saved states brought back in."""
+or emptied, and saved states brought back in."""
 
 from __future__ import annotations
 
@@ -119,15 +119,6 @@ class ParamState(dict):
 
     def __reduce__(self):
         return dict, (dict(self),)
-
-
-def copy_out(value):
-    """A saved copy of a state value: tensors cloned out of the flat buffers, the rest as is."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: copy_out(v) for k, v in value.items()}
-    return value
 
 
 # The per-parameter state keys AdamL uses; a loaded state's other entries (e.g. AMSGrad's
