@@ -71,8 +71,9 @@ class GroupPlan:
 
     def new_grads_fit(self, grads, requested: str) -> bool:
         """Check new gradients for the plan's parameters; False if they need a new plan (a
-        gradient laid out unlike its parameter, under backend="auto", or of another dtype than
-        its bucket's). Raises if unusable."""
+        gradient of another dtype than its bucket's, or, under backend="auto", one laid out
+        unlike its parameter in a fused bucket, or like it in a bucket that took the reference
+        path for its layout). Raises if unusable."""
         for (bucket, name), idx in zip(self.buckets, self.members):
             fused = backends.is_fused(name)
             dtype = bucket.grad_dtype
@@ -82,6 +83,9 @@ class GroupPlan:
                 g = local(g)
                 if g.dtype is not dtype:
                     return False
+                if not fused and requested == "auto" and \
+                        backends.select_for_tensor(requested, p, g) != name:
+                    return False  # back to its fused bucket
                 if fused and g.stride() != p.stride() and not same_layout(p, g):
                     if requested == "auto":
                         return False

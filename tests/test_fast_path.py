@@ -197,3 +197,27 @@ def test_low_precision_modes_agree_bitwise_on_both_paths(backend, options):
         runs.append((params, opt))
     (a, opt_a), (b, opt_b) = runs
     assert_same(a, b, opt_a, opt_b)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_a_parameter_moved_to_the_reference_path_returns_when_its_layout_does(backend,
+                                                                              monkeypatch):
+    # Under "auto", one step with a gradient laid out unlike its parameter takes that parameter
+    # through the reference path; once the layouts agree again it goes back to its fused
+    # bucket, and the steady state to the fast path.
+    params, opt = make(AdamL, "auto")
+    set_grads(params, 0)
+    opt.step(1.0)
+    set_grads(params, 1)
+    params[0].grad = params[0].grad.t().contiguous().t()
+    opt.step(0.9)
+    assert {b["backend"] for b in opt.describe()[0]} == {backend, "reference"}
+    set_grads(params, 2)
+    opt.step(0.8)
+    assert {b["backend"] for b in opt.describe()[0]} == {backend}
+    calls = count_general_steps(monkeypatch)
+    for k in range(3, 6):
+        set_grads(params, k)
+        opt.step(1.0 - 0.1 * k)
+    assert calls == []
+    assert float(opt.state[params[0]]["step"]) == 6
