@@ -36,12 +36,14 @@ class StepEngine:
         self.skipped: torch.Tensor | None = None  # the skip count: float64, 0-dim
         self.taken: torch.Tensor | None = None  # float32 1.0/0.0: whether the last step was
         self.pending = PendingLoss()
+        # id(p) -> a weak reference to the exp_avg laid out for p in a flat buffer (plan.pack_state;
+        # kept through invalidate(): a replaced or emptied entry no longer holds that tensor)
+        self.packed: dict = {}
         self.invalidate()
 
     def invalidate(self) -> None:
-        """Forget flat buffers, plans and the fast path; the next step rebuilds them."""
-        # (group, device, dtype) -> ids of the parameters whose state is packed in flat buffers
-        self.packed: dict[tuple, set[int]] = {}
+        """Forget plans and the fast path; the next step rebuilds them (and lays out again only
+        the state that no longer fits)."""
         self.plans: list[planning.GroupPlan | None] = []
         self.planned_state = None  # the state (and its version) the plans were made from
         self.planned_state_version = -1
@@ -167,8 +169,8 @@ class StepEngine:
                 self.plans[gi].replace_grads(grads)
             else:
                 self.plans[gi] = planning.make_group_plan(
-                    params, grads, names, state, groups[gi]["params"], self.packed, gi,
-                    self.precision, _param_indices(groups))
+                    params, grads, names, state, self.packed, self.precision,
+                    _param_indices(groups))
                 for p in params:
                     self.share_scalars(state[p], groups)
         self.planned_state, self.planned_state_version = state, state.version

@@ -5,14 +5,15 @@ A plan is made per param group and kept while its parameters keep their storage,
 dtype and device. New gradient tensors (every `zero_grad()` + `backward()`) only repoint the
 gradient column of the pointer tables. Anything else (a parameter changed in place through
 `p.data = ...`, a gradient for a parameter that had none, a gradient laid out unlike its
-parameter) makes a new plan, and the state is laid out again to fit the parameters as they are
-now. Everything a plan change needs is checked before anything is changed.
+parameter) makes a new plan, and the state of the parameters that changed is laid out again to
+fit them as they are now (pack_state; the others' stays in place). Everything a plan change needs is checked before anything is changed.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -155,9 +156,10 @@ def check_group(params, grads, state, requested: str,
     return names
 
 
-def make_group_plan(params, grads, names, state, group_params, packed: dict, gi: int,
+def make_group_plan(params, grads, names, state, packed: dict,
                     low: Precision = DEFAULT_PRECISION, index_of: dict | None = None) -> GroupPlan:
-    """The plan of group `gi` (checked by check_group). Lays out state where it does not fit.
+    """The plan of a group's parameters that have gradients (checked by check_group). Lays out
+    state where it does not fit (pack_state; `packed` is its record).
 
     `low` holds the low-precision options; `index_of` maps id(p) to the parameter's index in the
     optimizer (stochastic rounding's j; default: its position in `params`).
@@ -165,9 +167,7 @@ def make_group_plan(params, grads, names, state, group_params, packed: dict, gi:
     by_bucket: dict[tuple, list[int]] = {}
     for i, (p, g, name) in enumerate(zip(params, grads, names)):
         by_bucket.setdefault((p.device, p.dtype, g.dtype, name), []).append(i)
-    for device, dtype in {(d, t) for d, t, _, _ in by_bucket}:
-        active = [p for p in params if p.device == device and p.dtype == dtype]
-        pack_state(state, group_params, packed, (gi, device, dtype), active, low)
+    pack_state(state, packed, params, low)
     buckets, members = [], []
     for (_, dtype, _, name), idx in by_bucket.items():
         views = [state[params[i]] for i in idx]
@@ -252,23 +252,26 @@ def _same_spec(a, b) -> bool:
             and a.shape == b.shape)
 
 
-def pack_state(state, group_params, packed: dict, key: tuple, active: list,
-               low: Precision = DEFAULT_PRECISION) -> None:
-    """Lay out the state of (group, device, dtype) in flat buffers, unless it already is with
-    every parameter of `active` among its members and laid out as that parameter is now."""
-    if key in packed and all(
-        id(p) in packed[key] and state_fits(p, state.get(p), low) for p in active
-    ):
-        return
-    _, device, dtype = key
-    active_ids = {id(p) for p in active}
-    members = [
-        p for p in group_params
-        if p.device == device and p.dtype == dtype
-        and (id(p) in active_ids or "exp_avg" in state.get(p, {}))
-    ]
-    pack(members, state, low)
-    packed[key] = {id(p) for p in members}
+def pack_state(state, packed: dict, active: list, low: Precision = DEFAULT_PRECISION) -> None:
+    """Lay out in new flat buffers the state of those parameters of `active` whose state is not
+    already in one, laid out as the parameter is now: a parameter with its first gradient,
+    changed in place, reset, or loaded from a state dict. Only their state is copied (the
+    transient memory is bounded by theirs); every other parameter's stays where it is.
+
+    `packed` maps id(p) to a weak reference to the exp_avg that the last layout put into p's
+    state: an entry replaced, emptied or loaded since no longer holds that very tensor.
+    """
+    misfits: dict[tuple, list] = {}
+    for p in active:
+        st = state.get(p)
+        laid_out = packed.get(id(p))
+        if laid_out is None or st is None or laid_out() is not st.get("exp_avg") or \
+                not state_fits(p, st, low):
+            misfits.setdefault((p.device, p.dtype), []).append(p)
+    for members in misfits.values():
+        pack(members, state, low)
+        for p in members:
+            packed[id(p)] = weakref.ref(state[p]["exp_avg"])
 
 
 def _offsets(members, dtype: torch.dtype) -> tuple[list[int], int]:
