@@ -9,8 +9,10 @@
 very device (e.g. the CUDA kernel only where the build has code for the GPU's architecture).
 Under "auto", a tensor the fused kernels cannot walk as one flat array (a parameter that is not
 dense, or a gradient laid out unlike its parameter) takes the reference path; `describe()` on the
-optimizer shows which path each bucket takes. A backend asked for by name that cannot run, or
-cannot take a tensor, raises with the reason; nothing ever falls back silently.
+optimizer shows which path each bucket takes. A fused backend asked for by name updates a
+parameter that is not dense through dense copies (staging.py). A backend asked for by name that
+cannot run, or cannot take a tensor (a gradient laid out unlike its dense parameter), raises
+with the reason; nothing ever falls back silently.
 """
 
 from __future__ import annotations

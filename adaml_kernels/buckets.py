@@ -77,12 +77,16 @@ class Bucket:
     fp16/bf16 parameters (None: none); with `stochastic_rounding`, values stored as bf16 are
     rounded with bits hashed from (`seed`, step count, `param_indices[i]`, element index, the
     index counted from `element_offsets[i]`). Indices default to 0, 1, 2, ..., offsets to 0.
+
+    A `staged` bucket holds parameters that are not dense; a fused backend updates them through
+    dense copies (staging.py), never through this bucket's own table.
     """
 
     def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, master_params=None,
                  param_indices=None, element_offsets=None, stochastic_rounding: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, staged: bool = False):
         self.params = list(params)
+        self.staged = staged  # updated through dense copies (staging.py)
         self.grads: list[torch.Tensor] | None = list(grads)  # None: released
         self.grad_dtype = self.grads[0].dtype  # kept when the gradients are released
         self.exp_avgs = list(exp_avgs)

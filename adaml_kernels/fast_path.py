@@ -15,7 +15,7 @@ all-reduce (every rank must join the all-reduce; a rank whose step falls back to
 path joins it there), and fast_step_ does the rest.
 
 It applies only where those calls can do everything the general path would: the "cpu" and
-"cuda" backends, plain (not DTensor) parameters, one device, and a loss, lr, grad scale and
+"cuda" backends, plain (not DTensor) parameters, none staged (staging.py), one device, and a loss, lr, grad scale and
 found_inf already on that device. Anything else takes the general path.
 """
 
@@ -63,7 +63,7 @@ class FastPath:
                 return None
             where = {}
             for (bucket, name), idx in zip(plan.buckets, plan.members):
-                if name not in ("cpu", "cuda") or bucket.device != device:
+                if name not in ("cpu", "cuda") or bucket.device != device or bucket.staged:
                     return None
                 for row, i in enumerate(idx):
                     where[id(plan.params[i])] = (len(buckets) << 32) | row

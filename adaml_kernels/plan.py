@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends
+from . import backends, staging
 from .buckets import Bucket, is_dense, moment_dtype
 from .hyperparams import Hyperparams
 from .loss import StepInputs
@@ -87,7 +87,8 @@ class GroupPlan:
                 if not fused and requested == "auto" and \
                         backends.select_for_tensor(requested, p, g) != name:
                     return False  # back to its fused bucket
-                if fused and g.stride() != p.stride() and not same_layout(p, g):
+                if fused and not bucket.staged and g.stride() != p.stride() and \
+                        not same_layout(p, g):
                     if requested == "auto":
                         return False
                     check_kernel_layout(p, [g], name)
@@ -121,7 +122,7 @@ class GroupPlan:
                  grad_dtype=str(b.grad_dtype).removeprefix("torch."),
                  state_dtype=str(b.exp_avgs[0].dtype).removeprefix("torch."),
                  master_weights=b.master_params is not None,
-                 stochastic_rounding=b.stochastic_rounding)
+                 stochastic_rounding=b.stochastic_rounding, staged=b.staged)
             for b, name in self.buckets
         ]
 
@@ -150,7 +151,7 @@ def check_group(params, grads, state, requested: str,
                         "(del opt.state[p]) or load a matching state dict"
                     )
         name = backends.select_for_tensor(requested, local(p), local(g))
-        if backends.is_fused(name):
+        if backends.is_fused(name) and not staging.needs_staging(local(p)):
             check_kernel_layout(local(p), [local(g)], name)
         names.append(name)
     return names
@@ -166,10 +167,11 @@ def make_group_plan(params, grads, names, state, packed: dict,
     """
     by_bucket: dict[tuple, list[int]] = {}
     for i, (p, g, name) in enumerate(zip(params, grads, names)):
-        by_bucket.setdefault((p.device, p.dtype, g.dtype, name), []).append(i)
+        staged = backends.is_fused(name) and staging.needs_staging(local(p))
+        by_bucket.setdefault((p.device, p.dtype, g.dtype, name, staged), []).append(i)
     pack_state(state, packed, params, low)
     buckets, members = [], []
-    for (_, dtype, _, name), idx in by_bucket.items():
+    for (_, dtype, _, name, staged), idx in by_bucket.items():
         views = [state[params[i]] for i in idx]
         bucket = Bucket(
             [local(params[i]) for i in idx],
@@ -183,6 +185,7 @@ def make_group_plan(params, grads, names, state, packed: dict,
             element_offsets=[element_offset(params[i]) or 0 for i in idx],
             stochastic_rounding=low.stochastic_rounding,
             seed=low.seed,
+            staged=staged,
         )
         buckets.append((bucket, name))
         members.append(idx)
@@ -214,7 +217,10 @@ def run(buckets, hp: Hyperparams, inputs: StepInputs, on_device: dict) -> None:
             on_device[dev] = inputs.on(dev)
         local = on_device[dev]
         bucket.advance_steps(local.take)
-        backends.step_function(name)(bucket, hp, local)
+        if bucket.staged:
+            staging.step(backends.step_function(name), bucket, hp, local)
+        else:
+            backends.step_function(name)(bucket, hp, local)
 
 
 # ------------------------------------------------------------------------------ flat state

@@ -274,11 +274,52 @@ def test_auto_trains_parameters_that_are_not_dense_on_the_reference_path():
     torch.testing.assert_close(dense, twin[1], rtol=1e-6, atol=1e-7)
 
 
+STAGED_OPTIONS = [
+    pytest.param(torch.float32, {}, id="float32"),
+    pytest.param(torch.bfloat16, dict(master_weights=True, stochastic_rounding=True, seed=3),
+                 id="bf16-master-sr"),
+]
+
+
 @pytest.mark.parametrize("backend,device", FUSED)
-def test_a_backend_named_refuses_tensors_it_cannot_walk(backend, device):
-    strided = torch.nn.Parameter(torch.randn(6, 5, 2, device=device)[..., 0])
-    opt = AdamL([strided], backend=backend)
-    strided.grad = torch.ones(6, 5, device=device)
+@pytest.mark.parametrize("dtype,options", STAGED_OPTIONS)
+def test_a_backend_named_updates_a_parameter_that_is_not_dense_as_a_dense_one(
+        backend, device, dtype, options, monkeypatch):
+    # As torch's fused Adam does (torch's test_forloop_goes_right_direction, contiguous=False):
+    # the parameter is staged through a dense copy, bitwise the update of a dense twin.
+    torch.manual_seed(0)
+    base = torch.randn(6, 5, 2, device=device).to(dtype)
+    strided = torch.nn.Parameter(base[..., 0])  # strides (10, 2): not dense
+    twin = torch.nn.Parameter(strided.detach().clone())
+    other = [torch.nn.Parameter(torch.randn(7, device=device).to(dtype)) for _ in range(2)]
+    opt = AdamL([strided, other[0]], backend=backend, lr=0.05, **options)
+    ref = AdamL([twin, other[1]], backend=backend, lr=0.05, **options)
+    other[1].data.copy_(other[0])
+    versions = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(6, 5, generator=g).to(device, dtype),
+                 torch.randn(7, generator=g).to(device, dtype)]
+        for o, ps in ((opt, [strided, other[0]]), (ref, [twin, other[1]])):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+            o.step(2.0 - 0.5 * step)
+        versions.append(strided._version)
+        assert torch.equal(strided, twin) and torch.equal(other[0], other[1])
+        for key in opt.state[strided]:
+            a, b = opt.state[strided][key], ref.state[twin][key]
+            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
+    assert versions == sorted(set(versions))  # bumped at every step
+    assert strided.data_ptr() == base.data_ptr()  # updated where it lies
+    assert [b["staged"] for b in opt.describe()[0]] == [True, False]
+    assert [b["backend"] for b in opt.describe()[0]] == [backend, backend]
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_a_backend_named_refuses_a_gradient_laid_out_unlike_its_parameter(backend, device):
+    p = torch.nn.Parameter(torch.randn(8, 8, device=device))
+    opt = AdamL([p], backend=backend)
+    p.grad = torch.ones(8, 8, device=device).t()
     with pytest.raises(ValueError, match="dense"):
         opt.step(1.0)
     assert not opt.state
