@@ -10,6 +10,8 @@ The next steps then cost one op call whatever the number of tensors and groups, 
     prologue        the skip decision, f_1, the skip count and every step count
     launches        every bucket's kernel from its table
 
+and then the state buffers' versions are bumped (one Python call, a few tensors).
+
 Under loss averaging the refresh is its own op, refresh_grads_, called before the loss's
 all-reduce (every rank must join the all-reduce; a rank whose step falls back to the general
 path joins it there), and fast_step_ does the rest.
@@ -36,7 +38,7 @@ _CHANGED = 2  # refresh_grads_: something other than the gradients changed
 class FastPath:
     """The steady-state form of a step's plans (engine.py builds it after a general step)."""
 
-    def __init__(self, groups, check_args, launch_args, take, device):
+    def __init__(self, groups, check_args, launch_args, take, device, state_buffers=()):
         # per group: group["params"] and the parameters it held (kept alive: the layout record
         # names each one's TensorImpl, so that another object in its place is seen)
         self.groups = groups
@@ -45,6 +47,10 @@ class FastPath:
         # and the prologue's table
         self.take = take
         self.device = device
+        # one tensor per flat buffer the launches write through the tables (moments, master
+        # weights, step counts): views share their buffer's version counter, so bumping these
+        # bumps every state tensor's, as torch's fused ops bump what they write
+        self.state_buffers = list(state_buffers)
         self.status = torch.zeros(1, dtype=torch.int64)  # refresh_grads_'s answer
         empty = torch.zeros(0, dtype=torch.int64)
         self.no_check_args = (empty, empty)  # fast_step_ after refresh_grads_
@@ -86,7 +92,7 @@ class FastPath:
                        [value for bucket in buckets for value in bucket.config], bucket_groups,
                        prologue_tables)
         take = torch.zeros((), dtype=torch.float32, device=device)
-        return FastPath(groups, check_args, launch_args, take, device)
+        return FastPath(groups, check_args, launch_args, take, device, _state_buffers(buckets))
 
     def accepts(self, param_groups, loss, grad_scale, found_inf) -> bool:
         """Whether this step's inputs are what the fast path can take (else: the general path)."""
@@ -133,8 +139,23 @@ class FastPath:
             self._params() if refresh else [], slots, record, self.status, rows, rows_hosts,
             chunks, configs, bucket_groups, hypers, lr_tensors, loss_t, found_inf, grad_scale,
             initial_loss, skipped, self.take, tables)
-        return self.status_value[0] != _CHANGED
+        if self.status_value[0] == _CHANGED:
+            return False
+        torch.autograd.graph.increment_version(self.state_buffers)
+        return True
 
     def _params(self) -> list:
         groups = self.groups
         return groups[0][0] if len(groups) == 1 else [p for ps, _ in groups for p in ps]
+
+
+def _state_buffers(buckets) -> list[torch.Tensor]:
+    """One state tensor per storage that the buckets' moments, master weights and step counts
+    live in."""
+    found = {}
+    for bucket in buckets:
+        for tensors in (bucket.exp_avgs, bucket.exp_avg_sqs, bucket.master_params or (),
+                        bucket.steps):
+            for t in tensors:
+                found.setdefault(t.untyped_storage().data_ptr(), t)
+    return list(found.values())

@@ -72,18 +72,31 @@ def backends_here():
     return [b for b in ("reference", "cpu", "triton") if b in available_backends("cpu")]
 
 
+STATE_OPTIONS = [
+    pytest.param(torch.float32, {}, id="float32"),
+    pytest.param(torch.bfloat16, dict(master_weights=True), id="bf16-master"),
+]
+
+
 @pytest.mark.parametrize("backend", backends_here())
-def test_every_step_bumps_the_versions_of_the_parameters(backend):
+@pytest.mark.parametrize("dtype,options", STATE_OPTIONS)
+def test_every_step_bumps_the_versions_of_everything_it_writes(backend, dtype, options):
+    # As torch's fused Adam: the parameters, the moments, the master weights and the step counts
+    # (a tensor saved by autograd, e.g. exp_avg used in a loss, is then seen to have changed).
     torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    opt = AdamL(model.parameters(), lr=1e-2, backend=backend)
-    for step in range(3):  # the first step (general path), then the steady state
-        x = torch.randn(4, 3)
-        loss = model(x).pow(2).sum()
+    model = torch.nn.Linear(3, 2).to(dtype)
+    opt = AdamL(model.parameters(), lr=1e-2, backend=backend, **options)
+    for step in range(4):  # the first step (general path), then the steady state
+        x = torch.randn(4, 3, dtype=dtype)
+        loss = model(x).float().pow(2).sum()
         loss.backward()
-        before = [p._version for p in model.parameters()]
+        written = list(model.parameters()) + [
+            t for p in model.parameters() for k, t in opt.state[p].items()
+            if k in ("exp_avg", "exp_avg_sq", "master_param", "step")]
+        assert len(written) == (2 + 2 * (3 + bool(options)) if step else 2)
+        before = [t._version for t in written]
         opt.step(loss.detach())
-        assert all(p._version > v for p, v in zip(model.parameters(), before)), step
+        assert all(t._version > v for t, v in zip(written, before)), step
         opt.zero_grad()
 
 
