@@ -187,8 +187,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     for line in header_lines(info, dtypes, args.quick, modes) + busy_warnings(env, rows):
         print(line)
-    for note in info["notes"]:
-        print(f"note: {note}")
+    _print_notes(info)
     print()
     print(format_table(rows))
     print()
@@ -206,6 +205,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _print_notes(info: dict) -> None:
+    for note in info["notes"]:
+        print(f"note: {note}")
+
+
+def _write_json_and_finish(args, rows, t_start, no_plot_for: str) -> None:
+    """The end of a run that draws no plot: --json, a note if --plot was asked, the time."""
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"note: no plot for the {no_plot_for}")
+    print(f"done in {time.perf_counter() - t_start:.1f} s")
+
+
 def _host_overhead(args, device, counts, dtypes, wanted, t_start) -> int:
     gc.collect()
     gc.freeze()  # as for the sweep: full collections during timing get cheap
@@ -217,20 +231,14 @@ def _host_overhead(args, device, counts, dtypes, wanted, t_start) -> int:
         print(line)
     if args.threads is not None:
         print("note: --threads is ignored here: the host-overhead case runs with one thread")
-    for note in info["notes"]:
-        print(f"note: {note}")
+    _print_notes(info)
     print()
     print(format_host_table(rows))
     print()
     print("Goals (host overhead):")
     for line in host_goal_lines(rows):
         print(f"  {line}")
-    if args.json:
-        write_json(args.json, rows)
-        print(f"wrote {args.json}")
-    if args.plot:
-        print("note: no plot for the host-overhead case")
-    print(f"done in {time.perf_counter() - t_start:.1f} s")
+    _write_json_and_finish(args, rows, t_start, no_plot_for="host-overhead case")
     return 0
 
 
@@ -239,19 +247,13 @@ def _fsdp(args, device, dtypes, wanted, t_start) -> int:
                           smoke=args.smoke, threads=args.threads)
     for line in fsdp_header_lines(info) + busy_warnings(info["env"], rows):
         print(line)
-    for note in info["notes"]:
-        print(f"note: {note}")
+    _print_notes(info)
     print()
     print(format_fsdp_table(rows))
     print()
     for line in fsdp_ratio_lines(rows):
         print(line)
-    if args.json:
-        write_json(args.json, rows)
-        print(f"wrote {args.json}")
-    if args.plot:
-        print("note: no plot for the FSDP2 case")
-    print(f"done in {time.perf_counter() - t_start:.1f} s")
+    _write_json_and_finish(args, rows, t_start, no_plot_for="FSDP2 case")
     return 0 if any(r["median_ms"] is not None for r in rows) else 1
 
 
@@ -259,16 +261,10 @@ def _memory_cpu(args, wanted, t_start) -> int:
     rows, info = run_memory_cpu(args.mem_size, wanted, threads=args.threads)
     for line in memory_cpu_header_lines(info):
         print(line)
-    for note in info["notes"]:
-        print(f"note: {note}")
+    _print_notes(info)
     print()
     print(format_memory_cpu_table(rows))
-    if args.json:
-        write_json(args.json, rows)
-        print(f"wrote {args.json}")
-    if args.plot:
-        print("note: no plot for the CPU memory benchmark")
-    print(f"done in {time.perf_counter() - t_start:.1f} s")
+    _write_json_and_finish(args, rows, t_start, no_plot_for="CPU memory benchmark")
     return 0 if any(r["value_mb"] is not None for r in rows) else 1
 
 
