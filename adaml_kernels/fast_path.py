@@ -17,8 +17,8 @@ all-reduce (every rank must join the all-reduce; a rank whose step falls back to
 path joins it there), and fast_step_ does the rest.
 
 It applies only where those calls can do everything the general path would: the "cpu" and
-"cuda" backends, plain (not DTensor) parameters, none staged (staging.py), one device, and a loss, lr, grad scale and
-found_inf already on that device. Anything else takes the general path.
+"cuda" backends, plain (not DTensor) parameters, none staged (staging.py), one device, and a
+loss, lr, grad scale and found_inf already on that device. Anything else takes the general path.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ dtype and device. New gradient tensors (every `zero_grad()` + `backward()`) only
 gradient column of the pointer tables. Anything else (a parameter changed in place through
 `p.data = ...`, a gradient for a parameter that had none, a gradient laid out unlike its
 parameter) makes a new plan, and the state of the parameters that changed is laid out again to
-fit them as they are now (pack_state; the others' stays in place). Everything a plan change needs is checked before anything is changed.
+fit them as they are now (pack_state; the others' stays in place). Everything a plan change
+needs is checked before anything is changed.
 """
 
 from __future__ import annotations
