@@ -22,7 +22,7 @@ from setuptools import setup
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 SOURCES_CPU = ["csrc/adaml_ops.cpp", "csrc/adaml_fast_path.cpp", "csrc/adaml_module.cpp"]
 SOURCES_CUDA = ["csrc/adaml_cuda.cu"]
-HEADERS = ["csrc/adaml_update.h"]  # rebuild triggers, and shipped in the sdist
+HEADERS = ["csrc/adaml_update.h", "csrc/adaml_quant8.h"]  # rebuild triggers, and shipped in the sdist
 
 # No floating-point contraction (FMA) in either compiler: the CPU kernel on every instruction set
 # and the CUDA kernel then round every operation alike and agree bit for bit. -fno-math-errno and

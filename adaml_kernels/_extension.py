@@ -11,6 +11,8 @@ import importlib
 
 import torch
 
+from .layout import QUANT_BLOCK
+
 _OP = "adaml_kernels::fused_step_"
 
 
@@ -41,6 +43,16 @@ if load_error is None:
     def _layout_record_fake(params, grads):
         size = sum(7 + 2 * p.dim() for p in params)
         return torch.empty(size, dtype=torch.int64, device="cpu")
+
+    @torch.library.register_fake("adaml_kernels::quantize_8bit")
+    def _quantize_8bit_fake(values, map):
+        blocks = -(-values.numel() // QUANT_BLOCK)
+        return values.new_empty(values.shape, dtype=torch.uint8), values.new_empty(blocks)
+
+    @torch.library.register_fake("adaml_kernels::dequantize_8bit")
+    def _dequantize_8bit_fake(codes, scales, map):
+        return scales.new_empty(codes.shape)
+
 
 def has_cuda_kernels() -> bool:
     """Whether the extension was built with its CUDA kernel (i.e. nvcc was found)."""

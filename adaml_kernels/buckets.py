@@ -2,7 +2,7 @@
 
 A bucket holds parameters of one device and one dtype (and gradients of one dtype, moments of
 one dtype). The fused kernels do not take the tensors as arguments; they read a per-bucket table
-with one 80-byte row per tensor (layout.Column names the columns):
+with one 96-byte row per tensor (layout.Column names the columns):
 
     column  0: param address        5: master weight address (float32; 0: no master weights)
             1: grad address         6: numel
@@ -10,6 +10,8 @@ with one 80-byte row per tensor (layout.Column names the columns):
             3: exp_avg_sq address   8: the parameter's index in the optimizer (stochastic rounding)
             4: step address         9: index of the tensor's first element in the whole parameter
                (float32, 0-dim)        (0 unless the tensor is a shard of a larger parameter)
+           10, 11: 8-bit moments: the addresses of exp_avg's and exp_avg_sq's block scales
+               (float32, one per QUANT_BLOCK elements; 0: the moments are not 8-bit)
 
 Work is split into chunks of CHUNK elements (at least one per tensor, so that every tensor has
 a row in the chunk map), one program (Triton), block (CUDA) or loop iteration (CPU) per chunk;
@@ -30,15 +32,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import (ADDRESS_COLUMNS, CHUNK, DTYPE_CODES, TABLE_COLUMNS, VECTOR_BYTES, Column,
-                     Config, signed_seed)
+from .layout import (ADDRESS_COLUMNS, CHUNK, DTYPE_CODES, MIN_8BIT_NUMEL, TABLE_COLUMNS,
+                     VECTOR_BYTES, Column, Config, signed_seed)
 
 
-def moment_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> torch.dtype:
+def moment_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None = None,
+                 numel: int | None = None) -> torch.dtype:
     """The moments' dtype: `state_dtype` (float32 if None) whatever the parameter dtype, except
-    float64 for float64 params."""
+    float64 for float64 params, and float32 for 8-bit moments (uint8) of a tensor of fewer
+    than MIN_8BIT_NUMEL elements (`numel`: the tensor's, or this rank's shard's)."""
     if param_dtype == torch.float64:
         return torch.float64
+    if state_dtype == torch.uint8 and numel is not None and numel < MIN_8BIT_NUMEL:
+        return torch.float32
     return torch.float32 if state_dtype is None else state_dtype
 
 
@@ -77,6 +83,8 @@ class Bucket:
     fp16/bf16 parameters (None: none); with `stochastic_rounding`, values stored as bf16 are
     rounded with bits hashed from (`seed`, step count, `param_indices[i]`, element index, the
     index counted from `element_offsets[i]`). Indices default to 0, 1, 2, ..., offsets to 0.
+    With 8-bit moments (uint8 exp_avgs and exp_avg_sqs, quant8.py), `moment_scales` holds each
+    tensor's exp_avg block scales, then each tensor's exp_avg_sq block scales.
 
     A `staged` bucket holds parameters that are not dense; a fused backend updates them through
     dense copies (staging.py), never through this bucket's own table.
@@ -84,7 +92,7 @@ class Bucket:
 
     def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, master_params=None,
                  param_indices=None, element_offsets=None, stochastic_rounding: bool = False,
-                 seed: int = 0, staged: bool = False):
+                 seed: int = 0, staged: bool = False, moment_scales=None):
         self.params = list(params)
         self.staged = staged  # updated through dense copies (staging.py)
         self.grads: list[torch.Tensor] | None = list(grads)  # None: released
@@ -93,6 +101,7 @@ class Bucket:
         self.exp_avg_sqs = list(exp_avg_sqs)
         self.steps = list(steps)
         self.master_params = None if master_params is None else list(master_params)
+        self.moment_scales = None if moment_scales is None else list(moment_scales)
         n = len(self.params)
         self.param_indices = list(range(n)) if param_indices is None else list(param_indices)
         self.element_offsets = [0] * n if element_offsets is None else list(element_offsets)
@@ -147,6 +156,7 @@ class Bucket:
             self._table = build_table(
                 self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
                 self.master_params, self.param_indices, self.element_offsets,
+                self.moment_scales,
             )
         return self._table
 
@@ -154,11 +164,12 @@ class Bucket:
         """Arguments of the fused ops (C++/CUDA fused_step_, Triton triton_step_), in their
         schema's order:
 
-        (params!, grads, exp_avgs!, exp_avg_sqs!, steps, master_params!, rows, rows_host,
-         chunk_tensor, hyper, config, loss, take, lr_tensor?, grad_scale?, initial_loss?)
+        (params!, grads, exp_avgs!, exp_avg_sqs!, steps, master_params!, moment_scales!, rows,
+         rows_host, chunk_tensor, hyper, config, loss, take, lr_tensor?, grad_scale?,
+         initial_loss?)
 
         `hyper` and `config` are layout.Hyper and layout.Config; `master_params` is [] without
-        master weights. `inputs` (loss.StepInputs) are on the bucket's device; the launch only
+        master weights, `moment_scales` [] without 8-bit moments. `inputs` (loss.StepInputs) are on the bucket's device; the launch only
         reads them.
         """
         table = self.table()
@@ -167,7 +178,7 @@ class Bucket:
             lr_tensor = _to_device(hp.lr.reshape(()), self.device)
         return (
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
-            self.master_params or [], table.rows, table.rows_host, table.chunk_tensor,
+            self.master_params or [], self.moment_scales or [], table.rows, table.rows_host, table.chunk_tensor,
             hp.launch_values(), self.config, inputs.loss, inputs.take, lr_tensor,
             inputs.grad_scale, inputs.initial_loss if hp.normalize_loss else None,
         )
@@ -197,8 +208,9 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params=None,
-                param_indices=None, element_offsets=None) -> PointerTable:
-    """The pointer table of these tensors."""
+                param_indices=None, element_offsets=None, moment_scales=None) -> PointerTable:
+    """The pointer table of these tensors (`moment_scales`: see Bucket)."""
+    n_tensors = len(params)
     rows = []
     chunk_counts = []
     first_chunk = 0
@@ -210,7 +222,9 @@ def build_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params=None,
         chunks = max(1, -(-n // CHUNK))
         index = i if param_indices is None else param_indices[i]
         offset = 0 if element_offsets is None else element_offsets[i]
-        rows.append(addresses + [n, first_chunk, index, offset])
+        scales = [0, 0] if not moment_scales else [
+            moment_scales[i].data_ptr(), moment_scales[n_tensors + i].data_ptr()]
+        rows.append(addresses + [n, first_chunk, index, offset] + scales)
         chunk_counts.append(chunks)
         first_chunk += chunks
     rows_t = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
@@ -246,7 +260,7 @@ def rows_aligned(rows_host: torch.Tensor) -> bool:
 
 
 def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs, steps,
-                  master_params=None) -> bool:
+                  master_params=None, moment_scales=None) -> bool:
     """Whether `rows_host` points at exactly these tensors.
 
     A fused op is handed the cached table together with the tensors it updates. Under
@@ -255,11 +269,15 @@ def table_matches(rows_host: torch.Tensor, params, grads, exp_avgs, exp_avg_sqs,
     """
     if rows_host.shape[0] != len(params):
         return False
-    masters = master_params or [None] * len(params)
+    n = len(params)
+    masters = master_params or [None] * n
+    scales = [(0, 0)] * n if not moment_scales else [
+        (moment_scales[i].data_ptr(), moment_scales[n + i].data_ptr()) for i in range(n)]
     expected = rows_host[:, :Column.NUMEL + 1].tolist()
+    scale_columns = rows_host[:, Column.EXP_AVG_SCALE:Column.EXP_AVG_SQ_SCALE + 1].tolist()
     return all(
         row == [p.data_ptr(), g.data_ptr(), m.data_ptr(), w.data_ptr(), s.data_ptr(),
-                0 if x is None else x.data_ptr(), p.numel()]
-        for row, p, g, m, w, s, x in zip(expected, params, grads, exp_avgs, exp_avg_sqs, steps,
-                                         masters)
+                0 if x is None else x.data_ptr(), p.numel()] and tuple(sc) == ms
+        for row, sc, p, g, m, w, s, x, ms in zip(expected, scale_columns, params, grads, exp_avgs,
+                                                 exp_avg_sqs, steps, masters, scales)
     )

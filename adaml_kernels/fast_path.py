@@ -97,7 +97,8 @@ class FastPath:
     def accepts(self, param_groups, loss, grad_scale, found_inf) -> bool:
         """Whether this step's inputs are what the fast path can take (else: the general path)."""
         if isinstance(loss, torch.Tensor):
-            if loss.device != self.device or loss.numel() != 1 or loss.dtype not in DTYPE_CODES:
+            if loss.device != self.device or loss.numel() != 1 or \
+                    not loss.dtype.is_floating_point or loss.dtype not in DTYPE_CODES:
                 return False  # (e.g. float8: the general path raises)
         elif not isinstance(loss, (float, int)) or isinstance(loss, bool):
             return False
@@ -150,12 +151,12 @@ class FastPath:
 
 
 def _state_buffers(buckets) -> list[torch.Tensor]:
-    """One state tensor per storage that the buckets' moments, master weights and step counts
-    live in."""
+    """One state tensor per storage that the buckets' moments (and 8-bit moments' scales),
+    master weights and step counts live in."""
     found = {}
     for bucket in buckets:
         for tensors in (bucket.exp_avgs, bucket.exp_avg_sqs, bucket.master_params or (),
-                        bucket.steps):
+                        bucket.moment_scales or (), bucket.steps):
             for t in tensors:
                 found.setdefault(t.untyped_storage().data_ptr(), t)
     return list(found.values())

@@ -3,7 +3,7 @@
 - The pointer table: one row of TABLE_COLUMNS int64 per tensor (see buckets.py), in chunks of
   CHUNK elements.
 - The dtype codes of the tensors the kernels read element by element.
-- The stochastic-rounding hash's constants (precision.py).
+- The stochastic-rounding hash's constants (precision.py), and the 8-bit moments' block size.
 - A launch's values: `Hyper` (float[] in the op schemas) and `Config` (int[]).
 
 The C++ and CUDA copy is csrc/adaml_update.h; the op adaml_kernels::layout_constants returns
@@ -33,13 +33,20 @@ class Column(IntEnum):
     FIRST_CHUNK = 7  # index of the tensor's first chunk
     PARAM_INDEX = 8  # the parameter's index in the optimizer (stochastic rounding's j)
     ELEMENT_OFFSET = 9  # index, in the whole parameter, of this tensor's first element
+    EXP_AVG_SCALE = 10  # 8-bit moments: float32 scales, one per QUANT_BLOCK elements; 0: none
+    EXP_AVG_SQ_SCALE = 11
 
 
 TABLE_COLUMNS = len(Column)
 # Columns whose 16-byte alignment decides vector loads.
 ADDRESS_COLUMNS = (Column.PARAM, Column.GRAD, Column.EXP_AVG, Column.EXP_AVG_SQ, Column.MASTER)
 
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3,
+               torch.uint8: 4}  # uint8: 8-bit moments (quant8.py)
+
+# 8-bit moments (quant8.py): elements per block scale, and the smallest tensor they apply to.
+QUANT_BLOCK = 256
+MIN_8BIT_NUMEL = 4096
 
 # The hash of stochastic rounding (precision.py has the definition).
 MIX_1 = 0x21F0AAAD
@@ -85,7 +92,8 @@ def constants() -> dict[str, int]:
     """The values csrc/adaml_update.h must hold too (adaml_kernels::layout_constants)."""
     out = {"chunk": CHUNK, "columns": TABLE_COLUMNS, "vector_bytes": VECTOR_BYTES,
            "hyper_fields": len(Hyper._fields), "config_fields": len(Config._fields),
-           "mix_1": MIX_1, "mix_2": MIX_2, "seed_salt": SEED_SALT, "sq_stream": SQ_STREAM}
+           "mix_1": MIX_1, "mix_2": MIX_2, "seed_salt": SEED_SALT, "sq_stream": SQ_STREAM,
+           "quant_block": QUANT_BLOCK, "min_8bit_numel": MIN_8BIT_NUMEL}
     out.update({f"column_{c.name.lower()}": int(c) for c in Column})
     out.update({f"dtype_{str(d).removeprefix('torch.')}": code for d, code in DTYPE_CODES.items()})
     out.update({f"hyper_{name}": i for i, name in enumerate(Hyper._fields)})

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends, staging
+from . import backends, quant8, staging
 from .buckets import Bucket, is_dense, moment_dtype
 from .hyperparams import Hyperparams
 from .loss import StepInputs
@@ -141,6 +141,13 @@ def check_group(params, grads, state, requested: str,
                 f"whole parameter (e.g. Shard(0)); a DTensor with placements {p.placements} "
                 "would round its elements by their positions in the shard, unlike one process"
             )
+        if is_dtensor(p) and moment_dtype(p.dtype, low.state_dtype, local(p).numel()) == \
+                torch.uint8:
+            raise ValueError(
+                "8-bit moments (state_dtype=torch.uint8) do not support DTensor parameters "
+                "(FSDP2, tensor parallel) yet: their block scales are not DTensors, so DCP "
+                "could not reshard them; use state_dtype=torch.bfloat16 or None"
+            )
         st = state.get(p)
         if st and "exp_avg" in st:
             for key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
@@ -169,10 +176,11 @@ def make_group_plan(params, grads, names, state, packed: dict,
     by_bucket: dict[tuple, list[int]] = {}
     for i, (p, g, name) in enumerate(zip(params, grads, names)):
         staged = backends.is_fused(name) and staging.needs_staging(local(p))
-        by_bucket.setdefault((p.device, p.dtype, g.dtype, name, staged), []).append(i)
+        mdt = moment_dtype(p.dtype, low.state_dtype, local(p).numel())
+        by_bucket.setdefault((p.device, p.dtype, g.dtype, mdt, name, staged), []).append(i)
     pack_state(state, packed, params, low)
     buckets, members = [], []
-    for (_, dtype, _, name, staged), idx in by_bucket.items():
+    for (_, dtype, _, mdt, name, staged), idx in by_bucket.items():
         views = [state[params[i]] for i in idx]
         bucket = Bucket(
             [local(params[i]) for i in idx],
@@ -187,6 +195,8 @@ def make_group_plan(params, grads, names, state, packed: dict,
             stochastic_rounding=low.stochastic_rounding,
             seed=low.seed,
             staged=staged,
+            moment_scales=[st[key] for key in quant8.SCALE_KEYS.values() for st in views]
+            if mdt == torch.uint8 else None,
         )
         buckets.append((bucket, name))
         members.append(idx)
@@ -242,10 +252,13 @@ def state_fits(p: torch.Tensor, st: dict | None, low: Precision = DEFAULT_PRECIS
     if is_dtensor(p) != is_dtensor(m) or (is_dtensor(p) and not _same_spec(p, m)):
         return False
     p, m = local(p), local(m)
+    mdt = moment_dtype(p.dtype, low.state_dtype, p.numel())
     fits = (
-        m.device == p.device and m.dtype == moment_dtype(p.dtype, low.state_dtype)
+        m.device == p.device and m.dtype == mdt
         and m.shape == p.shape and m.stride() == moment_stride(p)
     )
+    if mdt == torch.uint8:
+        fits = fits and all(quant8.scales_fit(st.get(key), p) for key in quant8.SCALE_KEYS.values())
     if not low.has_master(p.dtype):
         return fits and MASTER_KEY not in st
     x = st.get(MASTER_KEY)
@@ -274,7 +287,8 @@ def pack_state(state, packed: dict, active: list, low: Precision = DEFAULT_PRECI
         laid_out = packed.get(id(p))
         if laid_out is None or st is None or laid_out() is not st.get("exp_avg") or \
                 not state_fits(p, st, low):
-            misfits.setdefault((p.device, p.dtype), []).append(p)
+            mdt = moment_dtype(p.dtype, low.state_dtype, local(p).numel())
+            misfits.setdefault((p.device, p.dtype, mdt), []).append(p)
     for members in misfits.values():
         pack(members, state, low)
         for p in members:
@@ -300,12 +314,14 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
     parameter's value. A master weight that is no longer needed is dropped.
     """
     device, dtype = members[0].device, members[0].dtype
-    mdt = moment_dtype(dtype, low.state_dtype)
+    mdt = moment_dtype(dtype, low.state_dtype, local(members[0]).numel())
     offsets, total = _offsets(members, mdt)
     # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
     second_row = total + ROW_GAP_BYTES // torch.empty((), dtype=mdt).element_size()
     buffer = torch.zeros(second_row + total, dtype=mdt, device=device)
     steps = torch.zeros(len(members), dtype=torch.float32, device=device)
+    scales = quant8.ScaleBuffer([local(p) for p in members], device) if mdt == torch.uint8 \
+        else None
     master = None
     if low.has_master(dtype):  # float32 master weights: a buffer of their own
         master_offsets, master_total = _offsets(members, torch.float32)
@@ -325,6 +341,15 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
                 views[MASTER_KEY].copy_(shard.detach())
         else:
             st.pop(MASTER_KEY, None)
+        if scales is not None:  # codes and block scales: copied, or encoded from values
+            for name, key in quant8.SCALE_KEYS.items():
+                codes, scale = views.pop(name), scales.view(name, i)
+                quant8.fill(codes, scale, st.get(name), st.get(key), name)
+                st[name], st[key] = codes, scale
+        else:  # 8-bit moments laid out in a float dtype: decoded, then copied below
+            for name, key in quant8.SCALE_KEYS.items():
+                if key in st:
+                    st[name] = quant8.decode_moment(st[name], st.pop(key), name)
         for name, view in views.items():
             if name in st:
                 view.copy_(_local_part(st[name], p) if name != "step" else st[name])

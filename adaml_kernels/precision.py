@@ -4,7 +4,8 @@ rounding written in torch ops for the reference backend.
     stochastic_rounding  values stored as bf16 (parameters, bf16 moments) are rounded
                          stochastically: E[stored] = the float32 value
     master_weights       fp16/bf16 parameters get a float32 copy in the state ("master_param")
-    state_dtype          the moments' dtype: None (float32) or torch.bfloat16
+    state_dtype          the moments' dtype: None (float32), torch.bfloat16, or torch.uint8
+                         for 8-bit block-quantized moments (quant8.py)
     seed                 the random bits' seed (an int in [0, 2**64))
 
 The random bits are a counter-based hash of (seed, k, j, i): k the parameter's step count, j its
@@ -23,7 +24,7 @@ from .buckets import is_dense
 from .layout import MIX_1, MIX_2, SEED_SALT, SQ_STREAM
 
 HALF = (torch.float16, torch.bfloat16)
-STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.uint8)
 MASTER_KEY = "master_param"  # the state key of a master weight
 
 _MASK32 = 0xFFFFFFFF
@@ -65,8 +66,9 @@ def validate_precision(stochastic_rounding, master_weights, state_dtype, seed) -
             raise ValueError(f"Invalid {name}: {value!r} (must be a bool)")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(
-            f"Invalid state_dtype: {state_dtype!r} (must be None, torch.float32 or "
-            "torch.bfloat16; float16 moments would underflow, w is about eps * l)"
+            f"Invalid state_dtype: {state_dtype!r} (must be None, torch.float32, torch.bfloat16 "
+            "or torch.uint8 (8-bit moments); float16 moments would underflow, w is about "
+            "eps * l)"
         )
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")

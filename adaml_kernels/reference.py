@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import precision
+from . import precision, quant8
 from .buckets import Bucket
 from .hyperparams import Hyperparams
 from .layout import L_MIN
@@ -29,6 +29,8 @@ def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
     if isinstance(lr, torch.Tensor):  # any one-element shape acts as a scalar, never broadcasts
         lr = move(lr.reshape(()), bucket.device)
     masters = bucket.master_params or [None] * len(bucket.params)
+    n = len(bucket.params)
+    scales = bucket.moment_scales or [None] * (2 * n)
     for i, p in enumerate(bucket.params):
         bits = None
         if bucket.stochastic_rounding and torch.bfloat16 in (p.dtype, bucket.exp_avgs[i].dtype):
@@ -37,12 +39,12 @@ def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
             bits = precision.element_bits(key, index)
         _update(
             p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], bucket.steps[i], f1,
-            hp, lr, loss, taken, inputs.grad_scale, masters[i], bits,
+            hp, lr, loss, taken, inputs.grad_scale, masters[i], bits, scales[i], scales[n + i],
         )
 
 
 def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, master,
-            bits) -> None:
+            bits, m_scale=None, w_scale=None) -> None:
     compute = torch.float64 if p.dtype == torch.float64 else torch.float32
     big = torch.finfo(compute).max
 
@@ -66,9 +68,12 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
         else:
             g = g + hp.weight_decay * param
 
-    # 4-5. moments
+    # 4-5. moments (8-bit moments: decoded first)
     b1, b2 = hp.beta1, hp.beta2
-    m_new = b1 * m.to(compute) + (1 - b1) * g
+    m_old = m.to(compute) if m_scale is None else quant8.decode(m, m_scale, quant8.EXP_AVG_MAP)
+    w_old = w.to(compute) if w_scale is None else quant8.decode(
+        w, w_scale, quant8.EXP_AVG_SQ_MAP)
+    m_new = b1 * m_old + (1 - b1) * g
     # Finite inputs never give NaN: w saturates at the largest finite value (SPEC.md,
     # Precision), and a coefficient beyond the compute dtype is applied as (g * sqrt(coef))^2.
     coef = (1 - b2) / (hp.gamma * l**hp.phi)  # float64, may be inf
@@ -76,7 +81,7 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
     root = torch.clamp(coef.sqrt(), max=big).to(compute)
     capped = torch.clamp(coef, max=big).to(compute) * (g * g).clamp(max=big)
     term = torch.where(split, (g * root) * (g * root), capped)
-    w_new = (b2 * w.to(compute) + term + torch.clamp(hp.eps * l, max=big).to(compute)).clamp(
+    w_new = (b2 * w_old + term + torch.clamp(hp.eps * l, max=big).to(compute)).clamp(
         max=big)
 
     # 6-7. bias correction and parameter update
@@ -91,5 +96,18 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
     p.copy_(torch.where(taken, precision.store(param, p.dtype, bits), p))
     if master is not None:
         master.copy_(torch.where(taken, param, master))
+    if m_scale is not None:  # 8-bit moments: encoded, each block's scale from its new values
+        for codes, scale, new, which in ((m, m_scale, m_new, quant8.EXP_AVG_MAP),
+                                         (w, w_scale, w_new, quant8.EXP_AVG_SQ_MAP)):
+            new_codes, new_scale = quant8.encode(_like(new, codes), which)
+            codes.copy_(torch.where(taken, new_codes, codes))
+            scale.copy_(torch.where(taken, new_scale, scale))
+        return
     m.copy_(torch.where(taken, precision.store_moment(m_new, m.dtype, m_bits), m))
     w.copy_(torch.where(taken, precision.store_moment(w_new, w.dtype, w_bits), w))
+
+
+def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x's values laid out with t's strides (blocks of 8-bit moments are in memory order)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=x.dtype, device=x.device)
+    return out.copy_(x)

@@ -9,9 +9,10 @@ from collections import defaultdict
 
 import torch
 
+from . import quant8
 from .buckets import moment_dtype
 from .precision import MASTER_KEY
-from .tensor_checks import is_dtensor
+from .tensor_checks import is_dtensor, local
 
 
 class TrackedState(defaultdict):
@@ -123,24 +124,42 @@ class ParamState(dict):
 
 # The per-parameter state keys AdamL uses; a loaded state's other entries (e.g. AMSGrad's
 # max_exp_avg_sq) are dropped: nothing would read them, and they would be saved forever.
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", MASTER_KEY, "initial_loss", "skipped_steps")
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", MASTER_KEY, "initial_loss", "skipped_steps",
+              *quant8.SCALE_KEYS.values())
 
 
 def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
-    """A saved per-parameter state (AdamL's or torch.optim.Adam's) on p's device, AdamL dtypes."""
+    """A saved per-parameter state (AdamL's or torch.optim.Adam's) on p's device, AdamL dtypes.
+
+    8-bit moments (codes and their block scales) are kept as they are when this optimizer has
+    8-bit moments for p, and decoded otherwise; float moments for 8-bit ones are kept in
+    float32 (the next step encodes them).
+    """
     if not isinstance(saved, dict):
         return saved
-    mdt = moment_dtype(p.dtype, state_dtype)
+    mdt = moment_dtype(p.dtype, state_dtype, local(p).numel())
     out = {}
     for key, value in saved.items():
         if key not in STATE_KEYS:
             continue
-        if key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
+        if key in quant8.SCALE_KEYS.values():
+            value = value.to(device=local(p).device, dtype=torch.float32, copy=True)
+        elif key in quant8.SCALE_KEYS and value.dtype == torch.uint8:
             if value.shape != p.shape:
                 raise ValueError(
                     f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
                 )
-            dtype = torch.float32 if key == MASTER_KEY else mdt
+            if quant8.SCALE_KEYS[key] not in saved:
+                raise ValueError(f"saved 8-bit {key!r} has no {quant8.SCALE_KEYS[key]!r}")
+            value = value.to(device=p.device, copy=True)
+            if mdt != torch.uint8:
+                value = quant8.decode_moment(value, saved[quant8.SCALE_KEYS[key]], key).to(mdt)
+        elif key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
+                )
+            dtype = torch.float32 if key == MASTER_KEY or mdt == torch.uint8 else mdt
             value = value.to(device=p.device, dtype=dtype, copy=True)
             if key == MASTER_KEY:
                 value = master_consistent_with(value, p)
@@ -149,6 +168,9 @@ def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
         else:  # f_1, the skip count: numbers in a saved state (see saved_scalar)
             value = torch.as_tensor(value, dtype=torch.float64).to(p.device, copy=True)
         out[key] = value
+    if mdt != torch.uint8:
+        for key in quant8.SCALE_KEYS.values():
+            out.pop(key, None)
     return out
 
 
@@ -184,3 +206,18 @@ def first_value(states, key: str, device: torch.device) -> torch.Tensor | None:
             if found is None or (math.isnan(found) and not math.isnan(value)):
                 found = value
     return None if found is None else torch.tensor(found, dtype=torch.float64).to(device)
+
+
+def dequantized_state_dict(state_dict: dict) -> dict:
+    """An AdamL state dict with 8-bit moments decoded to float32 and their scales dropped, for
+    torch.optim.Adam (or any optimizer that reads float exp_avg and exp_avg_sq). Everything
+    else is shared with `state_dict`, not copied."""
+    out = dict(state_dict)
+    out["state"] = {}
+    for key, st in state_dict["state"].items():
+        st = dict(st)
+        for name, scale_key in quant8.SCALE_KEYS.items():
+            if scale_key in st:
+                st[name] = quant8.decode_moment(st[name], st.pop(scale_key), name)
+        out["state"][key] = st
+    return out

@@ -53,6 +53,8 @@ NUMEL_COLUMN = tl.constexpr(int(Column.NUMEL))
 FIRST_CHUNK_COLUMN = tl.constexpr(int(Column.FIRST_CHUNK))
 PARAM_INDEX_COLUMN = tl.constexpr(int(Column.PARAM_INDEX))
 ELEMENT_OFFSET_COLUMN = tl.constexpr(int(Column.ELEMENT_OFFSET))
+EXP_AVG_SCALE_COLUMN = tl.constexpr(int(Column.EXP_AVG_SCALE))
+EXP_AVG_SQ_SCALE_COLUMN = tl.constexpr(int(Column.EXP_AVG_SQ_SCALE))
 
 
 @triton.jit
@@ -272,7 +274,7 @@ def _log(beta: float) -> float:
 
 @torch.library.custom_op(
     "adaml_kernels::triton_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params", "moment_scales"),
 )
 def triton_step_(
     params: list[torch.Tensor],
@@ -281,6 +283,7 @@ def triton_step_(
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     master_params: list[torch.Tensor],
+    moment_scales: list[torch.Tensor],
     rows: torch.Tensor,
     rows_host: torch.Tensor,
     chunk_tensor: torch.Tensor,
@@ -368,6 +371,9 @@ def _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params) -> None:
     if not (grad == dtype or (half and grad == torch.float32)):
         raise ValueError(f"triton_step_: {grad} gradients for {dtype} params (gradients must "
                          "have the params' dtype, or float32 for float16/bfloat16 params)")
+    if moment == torch.uint8:
+        raise ValueError("triton_step_: the Triton kernel has no 8-bit moments yet "
+                         "(state_dtype=torch.uint8)")
     if moment not in (torch.float32, torch.bfloat16):
         raise ValueError(f"triton_step_: moments must be float32 or bfloat16, got {moment}")
     if master_params and not half:

@@ -183,6 +183,8 @@ template <typename F> void dispatch_storage(int pt, int mt, bool master, F&& f) 
 }
 
 void run_cuda_step(const StepLaunch& s) {
+  TORCH_CHECK(s.moment_type != kUInt8,
+              "adaml_kernels: the CUDA kernel has no 8-bit moments yet (state_dtype=torch.uint8)");
   const KernelTable& table = s.table;
   const int64_t blocks = table.num_chunks;  // an empty tensor has one (a block with no work)
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
@@ -221,24 +223,28 @@ void run_cuda_step(const StepLaunch& s) {
 
 void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps,
-                     at::TensorList master_params, const at::Tensor& rows,
+                     at::TensorList master_params, at::TensorList moment_scales,
+                     const at::Tensor& rows,
                      const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                      c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
                      const at::Tensor& loss, const at::Tensor& take,
                      const std::optional<at::Tensor>& lr_tensor,
                      const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& initial_loss) {
-  check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
-                  chunk_tensor, hyper, config, loss, take, lr_tensor, grad_scale, initial_loss,
-                  c10::DeviceType::CUDA);
-  bump_versions({params, exp_avgs, exp_avg_sqs, master_params});
+  check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, moment_scales,
+                  rows, rows_host, chunk_tensor, hyper, config, loss, take, lr_tensor,
+                  grad_scale, initial_loss, c10::DeviceType::CUDA);
+  TORCH_CHECK(config[kConfigMomentDtype] != kUInt8,
+              "adaml_kernels: the CUDA kernel has no 8-bit moments yet (state_dtype=torch.uint8);"
+              " use backend=\"triton\" on the GPU");
+  bump_versions({params, exp_avgs, exp_avg_sqs, master_params, moment_scales});
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool capturing =
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const KernelTable table =
-      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
-                    chunk_tensor, /*allow_rebuild=*/!capturing);
+      resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, moment_scales,
+                    rows, rows_host, chunk_tensor, /*allow_rebuild=*/!capturing);
   run_cuda_step(make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
                             initial_loss));
 }

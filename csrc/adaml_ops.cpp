@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "adaml_quant8.h"
 #include "adaml_update.h"
 
 namespace adaml {
@@ -28,6 +29,10 @@ int scalar_type_code(const at::Tensor& t) {
     case at::kBFloat16: return kBFloat16;
     default: TORCH_CHECK(false, "adaml_kernels: unsupported dtype ", t.scalar_type());
   }
+}
+
+int moment_type_code(const at::Tensor& t) {
+  return t.scalar_type() == at::kByte ? kUInt8 : scalar_type_code(t);
 }
 
 void bump_versions(std::initializer_list<at::TensorList> written) {
@@ -79,7 +84,8 @@ void check_launch_values(c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> con
   TORCH_CHECK(config.size() == kConfigFields, kOp, "config must have ", kConfigFields,
               " values (layout.Config), got ", config.size());
   for (int f : {kConfigParamDtype, kConfigGradDtype, kConfigMomentDtype}) {
-    TORCH_CHECK(config[f] >= kFloat32 && config[f] <= kBFloat16, kOp, "config[", f,
+    const int64_t top = f == kConfigMomentDtype ? kUInt8 : kBFloat16;
+    TORCH_CHECK(config[f] >= kFloat32 && config[f] <= top, kOp, "config[", f,
                 "] is not a dtype code: ", config[f]);
   }
   const int64_t param = config[kConfigParamDtype], grad = config[kConfigGradDtype];
@@ -87,15 +93,18 @@ void check_launch_values(c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> con
   const bool half = param == kFloat16 || param == kBFloat16;
   TORCH_CHECK(grad == param || (half && grad == kFloat32), kOp,
               "gradients must have the params' dtype, or float32 for float16/bfloat16 params");
-  TORCH_CHECK(param == kFloat64 ? moment == kFloat64 : (moment == kFloat32 || moment == kBFloat16),
-              kOp, "moments must be float64 for float64 params, else float32 or bfloat16");
+  TORCH_CHECK(param == kFloat64 ? moment == kFloat64
+                                : (moment == kFloat32 || moment == kBFloat16 || moment == kUInt8),
+              kOp, "moments must be float64 for float64 params, else float32, bfloat16 or uint8 "
+              "(8-bit codes)");
   TORCH_CHECK(config[kConfigMaster] == 0 || half, kOp,
               "master weights are for float16/bfloat16 params");
 }
 
 void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps,
-                     at::TensorList master_params, const at::Tensor& rows,
+                     at::TensorList master_params, at::TensorList moment_scales,
+                     const at::Tensor& rows,
                      const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                      c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
                      const at::Tensor& loss, const at::Tensor& take,
@@ -113,6 +122,10 @@ void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList
   TORCH_CHECK(master_params.size() == (config[kConfigMaster] ? n : 0), kOp,
               "master_params has ", master_params.size(), " tensors; config says ",
               config[kConfigMaster] ? "one per param" : "none");
+  const bool quantized = config[kConfigMomentDtype] == kUInt8;
+  TORCH_CHECK(moment_scales.size() == (quantized ? 2 * n : 0), kOp, "moment_scales has ",
+              moment_scales.size(), " tensors; config says ",
+              quantized ? "two per param (8-bit moments)" : "none");
   TORCH_CHECK(initial_loss.has_value() || hyper[kHyperNormalizeLoss] == 0.0, kOp,
               "normalize_loss needs initial_loss (f_1)");
 
@@ -155,7 +168,7 @@ void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList
   const at::ScalarType moment = exp_avgs[0].scalar_type();
   TORCH_CHECK(scalar_type_code(params[0]) == config[kConfigParamDtype] &&
                   scalar_type_code(grads[0]) == config[kConfigGradDtype] &&
-                  scalar_type_code(exp_avgs[0]) == config[kConfigMomentDtype],
+                  moment_type_code(exp_avgs[0]) == config[kConfigMomentDtype],
               kOp, "config names other dtypes than the tensors' (", dtype, " params, ",
               grad_dtype, " grads, ", moment, " moments)");
   for (size_t i = 0; i < n; ++i) {
@@ -182,6 +195,17 @@ void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList
     TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
                     steps[i].device() == device,
                 kOp, "steps[", i, "] must be a one-element float32 tensor on ", device);
+    if (quantized) {
+      TORCH_CHECK(dtype != at::kDouble, kOp, "float64 params have float64 moments, not 8-bit");
+      const int64_t blocks = (p.numel() + kQuantBlock - 1) / kQuantBlock;
+      for (size_t k : {i, i + n}) {
+        const at::Tensor& sc = moment_scales[k];
+        TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.device() == device && sc.dim() == 1 &&
+                        sc.numel() == blocks && sc.is_contiguous(),
+                    kOp, "moment_scales[", k, "] must be a contiguous float32 tensor of ",
+                    blocks, " block scales on ", device);
+      }
+    }
   }
 }
 
@@ -204,7 +228,8 @@ KernelTable given_table(const at::Tensor& rows, const at::Tensor& rows_host,
 
 KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList steps,
-                          at::TensorList master_params, const at::Tensor& rows,
+                          at::TensorList master_params, at::TensorList moment_scales,
+                          const at::Tensor& rows,
                           const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                           bool allow_rebuild) {
   const int64_t n = static_cast<int64_t>(params.size());
@@ -225,6 +250,8 @@ KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::Tenso
     // Not addresses: what the table says (the bucket's parameter indices and offsets).
     row[kParamIndex] = given[i * kColumns + kParamIndex];
     row[kElementOffset] = given[i * kColumns + kElementOffset];
+    row[kExpAvgScaleAddr] = moment_scales.empty() ? 0 : address(moment_scales[i]);
+    row[kExpAvgSqScaleAddr] = moment_scales.empty() ? 0 : address(moment_scales[i + n]);
     num_chunks += chunks_of(row[kNumel]);
     for (int c : {kParamAddr, kGradAddr, kExpAvgAddr, kExpAvgSqAddr, kMasterAddr}) {
       aligned = aligned && row[c] % kVectorBytes == 0;
@@ -355,6 +382,56 @@ ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg:
   }
 }
 
+// The same for 8-bit moments: a block of kQuantBlock elements at a time (n counts from a block
+// boundary). The update runs on the decoded moments and leaves the new ones in float arrays;
+// their integer maximum gives the block's new scale, and the second loop encodes them.
+template <typename Cfg, int kScale>
+ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
+                                   const typename Cfg::G* __restrict g, uint8_t* __restrict m,
+                                   uint8_t* __restrict w, float* __restrict master,
+                                   float* __restrict m_scales, float* __restrict w_scales,
+                                   int64_t n, uint32_t key, uint64_t index,
+                                   const StepScalars<float>& scalars, int decay, bool maximize,
+                                   bool has_grad_scale) {
+  const StepScalars<float> s = scalars;
+  const SwitchMasks<float> on(decay, maximize, has_grad_scale);
+  alignas(64) float m_new[kQuantBlock];
+  alignas(64) float w_new[kQuantBlock];
+  for (int64_t start = 0; start < n; start += kQuantBlock) {
+    const int64_t len = std::min<int64_t>(kQuantBlock, n - start);
+    const int64_t block = start / kQuantBlock;
+    const int m_exp = exponent_of_scale(m_scales[block]);
+    const int w_exp = exponent_of_scale(w_scales[block]);
+    uint32_t m_max = 0, w_max = 0;
+#pragma omp simd reduction(max : m_max, w_max)
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t j = start + i;
+      float pc = Cfg::kMaster ? master[j] : Param<Cfg::PT>::load(p[j]);
+      float mc = decode8<kExpAvgMap>(m[j], m_exp);
+      float wc = decode8<kExpAvgSqMap>(w[j], w_exp);
+      update_element<float, kScale>(pc, Param<Cfg::GT>::load(g[j]), mc, wc, s, on);
+      const uint32_t bits = Cfg::kSR ? element_bits(key, index + static_cast<uint64_t>(j)) : 0u;
+      if (Cfg::kMaster) master[j] = pc;
+      p[j] = Param<Cfg::PT>::store(pc, bits, Cfg::kSR);
+      m_new[i] = mc;
+      w_new[i] = wc;
+      const uint32_t mb = magnitude_bits(float_to_bits(mc));
+      const uint32_t wb = magnitude_bits(float_to_bits(wc));
+      m_max = mb > m_max ? mb : m_max;
+      w_max = wb > w_max ? wb : w_max;
+    }
+    const int m_new_exp = scale_exponent<kExpAvgMap>(m_max);
+    const int w_new_exp = scale_exponent<kExpAvgSqMap>(w_max);
+    m_scales[block] = scale_of(m_new_exp);
+    w_scales[block] = scale_of(w_new_exp);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      m[start + i] = encode8<kExpAvgMap>(float_to_bits(m_new[i]), m_new_exp);
+      w[start + i] = encode8<kExpAvgSqMap>(float_to_bits(w_new[i]), w_new_exp);
+    }
+  }
+}
+
 // Chunks [c0, c1) of the bucket; consecutive chunks of one tensor are done as one span.
 template <typename Cfg, int kScale>
 ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
@@ -369,6 +446,21 @@ ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, in
     const int64_t begin = (c - first) * kChunk;
     const int64_t end = std::min((last - first) * kChunk, numel);
     C* master = Cfg::kMaster ? reinterpret_cast<C*>(row[kMasterAddr]) + begin : nullptr;
+    if constexpr (Cfg::MT == kUInt8) {
+      const int64_t first_block = begin / kQuantBlock;  // chunks start on block boundaries
+      update_span_8bit<Cfg, kScale>(
+          reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
+          reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
+          reinterpret_cast<uint8_t*>(row[kExpAvgAddr]) + begin,
+          reinterpret_cast<uint8_t*>(row[kExpAvgSqAddr]) + begin, master,
+          reinterpret_cast<float*>(row[kExpAvgScaleAddr]) + first_block,
+          reinterpret_cast<float*>(row[kExpAvgSqScaleAddr]) + first_block, end - begin,
+          Cfg::kSR ? plan.keys[t] : 0u,
+          static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
+          plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
+      c = last;
+      continue;
+    } else {
     update_span<Cfg, kScale>(
         reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
         reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
@@ -377,6 +469,7 @@ ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, in
         Cfg::kSR ? plan.keys[t] : 0u,
         static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
         plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
+    }
     c = last;
   }
 }
@@ -451,28 +544,86 @@ template <typename Cfg> void run_cpu(const CpuStep& a) {
 
 void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps,
-                    at::TensorList master_params, const at::Tensor& rows,
+                    at::TensorList master_params, at::TensorList moment_scales,
+                    const at::Tensor& rows,
                     const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                     c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
                     const at::Tensor& loss, const at::Tensor& take,
                     const std::optional<at::Tensor>& lr_tensor,
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& initial_loss) {
-  check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, rows, rows_host,
-                  chunk_tensor, hyper, config, loss, take, lr_tensor, grad_scale, initial_loss,
-                  c10::DeviceType::CPU);
-  bump_versions({params, exp_avgs, exp_avg_sqs, master_params});
+  check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, moment_scales,
+                  rows, rows_host, chunk_tensor, hyper, config, loss, take, lr_tensor,
+                  grad_scale, initial_loss, c10::DeviceType::CPU);
+  bump_versions({params, exp_avgs, exp_avg_sqs, master_params, moment_scales});
   if (params.empty()) return;
   // A skipped step reads and writes nothing else.
   if (*take.const_data_ptr<float>() == 0.0f) return;
   const KernelTable table = resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps,
-                                          master_params, rows, rows_host, chunk_tensor,
-                                          /*allow_rebuild=*/true);
+                                          master_params, moment_scales, rows, rows_host,
+                                          chunk_tensor, /*allow_rebuild=*/true);
   run_cpu_step(make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
                            initial_loss));
 }
 
 std::string cpu_capability() { return isa_name(active_isa()); }
+
+// The 8-bit quantizer on its own (adaml_quant8.h), for tests against the other backends'.
+template <typename F> void for_each_map(int64_t map, F&& f) {
+  TORCH_CHECK(map == kExpAvgMap || map == kExpAvgSqMap, kOp, "map must be ", kExpAvgMap,
+              " (exp_avg) or ", kExpAvgSqMap, " (exp_avg_sq), got ", map);
+  map == kExpAvgMap ? f(std::integral_constant<int, kExpAvgMap>{})
+                    : f(std::integral_constant<int, kExpAvgSqMap>{});
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& values, int64_t map) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu() &&
+                  values.is_contiguous(),
+              kOp, "quantize_8bit takes a contiguous float32 CPU tensor");
+  const int64_t n = values.numel();
+  const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
+  at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({blocks}, values.options());
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(values.const_data_ptr<float>());
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  float* sc = scales.data_ptr<float>();
+  for_each_map(map, [&](auto mapc) {
+    constexpr int M = decltype(mapc)::value;
+    at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * kQuantBlock, end = std::min(n, start + kQuantBlock);
+        uint32_t absmax = 0;
+        for (int64_t i = start; i < end; ++i) absmax = std::max(absmax, magnitude_bits(x[i]));
+        const int e = scale_exponent<M>(absmax);
+        sc[b] = scale_of(e);
+        for (int64_t i = start; i < end; ++i) c[i] = encode8<M>(x[i], e);
+      }
+    });
+  });
+  return {codes, scales};
+}
+
+at::Tensor dequantize_8bit(const at::Tensor& codes, const at::Tensor& scales, int64_t map) {
+  const int64_t n = codes.numel();
+  const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.device().is_cpu() &&
+                  codes.is_contiguous() && scales.scalar_type() == at::kFloat &&
+                  scales.device().is_cpu() && scales.is_contiguous() &&
+                  scales.numel() == blocks,
+              kOp, "dequantize_8bit takes contiguous uint8 codes and ", blocks,
+              " float32 block scales on the CPU");
+  at::Tensor out = at::empty(codes.sizes(), scales.options());
+  const uint8_t* c = codes.const_data_ptr<uint8_t>();
+  const float* sc = scales.const_data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  for_each_map(map, [&](auto mapc) {
+    constexpr int M = decltype(mapc)::value;
+    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) y[i] = decode8<M>(c[i], exponent_of_scale(sc[i / kQuantBlock]));
+    });
+  });
+  return out;
+}
 
 // The C++ copy of adaml_kernels/layout.py's constants, for tests/test_layout.py.
 c10::Dict<std::string, int64_t> layout_constants() {
@@ -486,15 +637,18 @@ c10::Dict<std::string, int64_t> layout_constants() {
   out.insert("mix_2", kMix2);
   out.insert("seed_salt", kSeedSalt);
   out.insert("sq_stream", kSqStream);
+  out.insert("quant_block", kQuantBlock);
+  out.insert("min_8bit_numel", kMin8BitNumel);
   const std::pair<const char*, int64_t> columns[] = {
       {"param", kParamAddr}, {"grad", kGradAddr}, {"exp_avg", kExpAvgAddr},
       {"exp_avg_sq", kExpAvgSqAddr}, {"step", kStepAddr}, {"master", kMasterAddr},
       {"numel", kNumel}, {"first_chunk", kFirstChunk}, {"param_index", kParamIndex},
-      {"element_offset", kElementOffset}};
+      {"element_offset", kElementOffset}, {"exp_avg_scale", kExpAvgScaleAddr},
+      {"exp_avg_sq_scale", kExpAvgSqScaleAddr}};
   for (const auto& [name, value] : columns) out.insert(std::string("column_") + name, value);
   const std::pair<const char*, int64_t> dtypes[] = {
       {"float32", kFloat32}, {"float64", kFloat64}, {"float16", kFloat16},
-      {"bfloat16", kBFloat16}};
+      {"bfloat16", kBFloat16}, {"uint8", kUInt8}};
   for (const auto& [name, value] : dtypes) out.insert(std::string("dtype_") + name, value);
   const std::pair<const char*, int64_t> hyper[] = {
       {"lr", kHyperLr}, {"beta1", kHyperBeta1}, {"beta2", kHyperBeta2}, {"eps", kHyperEps},
@@ -577,9 +731,10 @@ TORCH_LIBRARY(adaml_kernels, m) {
   // are layout.Hyper and layout.Config.
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor(d!)[] master_params, Tensor rows, "
-      "Tensor rows_host, Tensor chunk_tensor, float[] hyper, int[] config, Tensor loss, "
-      "Tensor take, Tensor? lr_tensor, Tensor? grad_scale, Tensor? initial_loss) -> ()");
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor(d!)[] master_params, "
+      "Tensor(e!)[] moment_scales, Tensor rows, Tensor rows_host, Tensor chunk_tensor, "
+      "float[] hyper, int[] config, Tensor loss, Tensor take, Tensor? lr_tensor, "
+      "Tensor? grad_scale, Tensor? initial_loss) -> ()");
   // The steady-state step (adaml_fast_path.cpp, fast_path.py). refresh_grads_: every param
   // group's parameters and gradients checked against their plan, the tables repointed at the
   // new gradients, the parameters' versions bumped; status[0] = 2 if anything else changed
@@ -602,8 +757,14 @@ TORCH_LIBRARY(adaml_kernels, m) {
   // The instruction set the CPU kernel runs with: "avx512", "avx2" or "default".
   m.def("cpu_capability() -> str", &adaml::cpu_capability);
   m.def("layout_constants() -> Dict(str, int)", &adaml::layout_constants);
+  // The 8-bit moments' quantizer on its own (map 0: exp_avg, 1: exp_avg_sq): codes and block
+  // scales of float32 values, and back.
+  m.def("quantize_8bit(Tensor values, int map) -> (Tensor, Tensor)");
+  m.def("dequantize_8bit(Tensor codes, Tensor scales, int map) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adaml_kernels, CPU, m) {
   m.impl("fused_step_", &adaml::fused_step_cpu);
+  m.impl("quantize_8bit", &adaml::quantize_8bit);
+  m.impl("dequantize_8bit", &adaml::dequantize_8bit);
 }

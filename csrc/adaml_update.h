@@ -42,14 +42,17 @@ enum Column : int {
   kFirstChunk = 7,
   kParamIndex = 8,       // the parameter's index in the optimizer (stochastic rounding's j)
   kElementOffset = 9,    // index, in the whole parameter, of this tensor's first element
-  kColumns = 10,
+  kExpAvgScaleAddr = 10,  // 8-bit moments: float32 block scales (adaml_quant8.h); 0: none
+  kExpAvgSqScaleAddr = 11,
+  kColumns = 12,
 };
 constexpr int64_t kVectorBytes = 16;
 
 constexpr double kLMin = 1e-12;  // floor of the scaled loss l and of the normalisation scale
 
 // dtype codes of the tensors the kernels read element by element or as 0-dim scalars.
-enum ScalarType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+// kUInt8: 8-bit moments (codes with block scales, adaml_quant8.h).
+enum ScalarType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kUInt8 = 4 };
 
 // The stochastic-rounding hash (see mix32 below).
 constexpr uint32_t kMix1 = 0x21F0AAADu;
@@ -218,6 +221,13 @@ template <> struct Param<kBFloat16> {
   static ADAML_HD uint16_t store(float x, uint32_t r, bool sr) {  // rounded once, here
     return sr ? float_to_bf16_stochastic(x, r & 0xFFFFu) : float_to_bf16(x);
   }
+};
+
+// 8-bit moments: codes, decoded and encoded a block at a time (adaml_quant8.h), not one
+// element at a time; the update computes in float.
+template <> struct Param<kUInt8> {
+  using storage = uint8_t;
+  using compute = float;
 };
 
 // Largest finite bf16 (0x7F7F): bf16 moments saturate there, so that no rounding reaches inf.
@@ -425,7 +435,7 @@ ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s,
 // What a bucket's tensors hold: the CPU kernel is compiled for each valid combination, the CUDA
 // kernel for each (PT, MT, kMaster) (it takes GT and kSR at run time).
 //   PT  parameter dtype               GT  gradient dtype (PT, or float32 for fp16/bf16 params)
-//   MT  moment dtype (float32; bf16; float64 for float64 params)
+//   MT  moment dtype (float32; bf16; uint8: 8-bit codes; float64 for float64 params)
 //   kMaster  a float32 master weight is read instead of p, and written with p (fp16/bf16 PT)
 //   kSR      values stored as bf16 (PT, MT) are rounded stochastically
 template <int PT_, int GT_, int MT_, bool kMaster_, bool kSR_> struct Config {
@@ -473,6 +483,12 @@ void dispatch_config(int pt, int gt, int mt, bool master, bool sr, F&& f) {
     constexpr bool M = decltype(masterc)::value;
     if (mt == kBFloat16) {
       sr ? f(Config<P, G, kBFloat16, M, true>{}) : f(Config<P, G, kBFloat16, M, false>{});
+    } else if (mt == kUInt8) {  // 8-bit codes: only bf16 params round stochastically
+      if constexpr (P == kBFloat16) {
+        sr ? f(Config<P, G, kUInt8, M, true>{}) : f(Config<P, G, kUInt8, M, false>{});
+      } else {
+        f(Config<P, G, kUInt8, M, false>{});
+      }
     } else if (P == kBFloat16 && sr) {  // bf16 params, float32 moments
       f(Config<P, G, kFloat32, M, P == kBFloat16>{});
     } else {
@@ -525,7 +541,8 @@ struct KernelTable {
 // on one device of `device_type`, and what `config` says they are.
 void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps,
-                     at::TensorList master_params, const at::Tensor& rows,
+                     at::TensorList master_params, at::TensorList moment_scales,
+                     const at::Tensor& rows,
                      const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                      c10::ArrayRef<double> hyper, c10::ArrayRef<int64_t> config,
                      const at::Tensor& loss, const at::Tensor& take,
@@ -540,7 +557,8 @@ void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList
 // the rebuild into an error (a CUDA graph being captured must not copy from the host).
 KernelTable resolve_table(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList steps,
-                          at::TensorList master_params, const at::Tensor& rows,
+                          at::TensorList master_params, at::TensorList moment_scales,
+                          const at::Tensor& rows,
                           const at::Tensor& rows_host, const at::Tensor& chunk_tensor,
                           bool allow_rebuild);
 
@@ -549,6 +567,7 @@ KernelTable given_table(const at::Tensor& rows, const at::Tensor& rows_host,
                         const at::Tensor& chunk_tensor);
 
 int scalar_type_code(const at::Tensor& t);
+int moment_type_code(const at::Tensor& t);  // scalar_type_code, or kUInt8 for 8-bit codes
 
 // One bucket's launch, once its table and tensors are known to be consistent: the table, the
 // config and hyperparameters, and this step's 0-dim inputs, read on the device where they live.

@@ -9,7 +9,8 @@ a float32 master weight is the float32 rounding of the new value and the stored 
 rounded from it; bf16 moments are rounded on store (the step uses the unrounded values, as the
 kernels do) and saturate at bf16's largest value; under stochastic rounding a value is first
 rounded to float32, then 16 random bits are added to the low half of its bit pattern and the
-result truncated. The hash is written here again, in NumPy, from docs/low_precision.md's definition.
+result truncated. The hash is written here again, in NumPy, from docs/low_precision.md's definition. 8-bit moments
+hold the values quantize_8bit gives, written from the maps' definition on values, not bits.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class ParamState:
     w: np.ndarray = None
     k: int = 0
     storage: str = "float32"
-    moments: str = "float32"  # the moments' storage: float32, bfloat16 (or float64)
+    moments: str = "float32"  # the moments' storage: float32, bfloat16, uint8 (or float64)
     master: np.ndarray | None = None  # float32 master weight (master_weights)
     index: int = 0  # the parameter's index in the optimizer
 
@@ -173,5 +174,36 @@ class Oracle:
             if st.moments == "bfloat16":
                 m = np.clip(m, -BFLOAT16_MAX, BFLOAT16_MAX)
                 w = np.minimum(w, BFLOAT16_MAX)
+            if st.moments == "uint8":  # 8-bit moments: the step used the values before this
+                st.m, st.w = quantize_8bit(m, signed=True), quantize_8bit(w, signed=False)
+                continue
             st.m = m if st.moments != "bfloat16" else store(m, "bfloat16", m_bits)
             st.w = w if st.moments != "bfloat16" else store(w, "bfloat16", w_bits)
+
+
+# ------------------------------------------------------------------------- 8-bit moments
+
+def quantize_8bit(x: np.ndarray, signed: bool) -> np.ndarray:
+    """The values 8-bit moments hold for x (docs/low_precision.md), computed on values rather
+    than bits: x is rounded to float32 (the kernels encode float32 values), cut into blocks of
+    256 consecutive elements, each block scaled by 2^S, S = ceil(log2(absmax)) clamped to
+    [S_MIN, 127]; each value keeps 3 mantissa bits below its power of two, or a fixed step of
+    2^(-bias-2) below 2^(1-bias), rounded to nearest even and saturated at 1.75; a positive w
+    never becomes 0. exp_avg: signed, bias 15, S_MIN -109; exp_avg_sq: bias 31, S_MIN -93."""
+    bias, s_min = (15, -109) if signed else (31, -93)
+    x32 = np.asarray(x, dtype=np.float64).astype(np.float32).astype(np.float64).ravel()
+    out = np.empty_like(x32)
+    for start in range(0, x32.size, 256):
+        block = x32[start:start + 256]
+        magnitude = np.where(np.isnan(block), 0.0, np.abs(block))
+        absmax = magnitude.max()
+        s = s_min if absmax == 0 else int(np.clip(math.ceil(math.log2(absmax)), s_min, 127))
+        y = magnitude / 2.0**s
+        e = np.floor(np.log2(np.where(y > 0, y, 1.0)))
+        e = np.maximum(e, 1 - bias)  # the fixed-step range below the smallest normal
+        step = 2.0 ** (e - 3)
+        q = np.minimum(np.round(y / step) * step, 1.75)  # np.round: half to even
+        if not signed:
+            q = np.where((q == 0) & (magnitude > 0), 2.0 ** (-bias - 2), q)
+        out[start:start + 256] = np.where(np.isnan(block), np.nan, np.copysign(q, block) * 2.0**s)
+    return out.reshape(np.shape(x))

@@ -214,19 +214,19 @@ def test_bad_arguments_are_rejected_with_a_reason():
     with pytest.raises(RuntimeError, match="config names other dtypes than the tensors'"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
-    bad[10] = args[10][:-1]
+    bad[11] = args[11][:-1]
     with pytest.raises(RuntimeError, match="config must have 6 values"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
-    bad[9] = args[9][:-1]
+    bad[10] = args[10][:-1]
     with pytest.raises(RuntimeError, match="hyper must have 11 values"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
-    bad[15] = None
+    bad[16] = None
     with pytest.raises(RuntimeError, match="normalize_loss needs initial_loss"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)
-    bad[15] = args[15].float()
+    bad[16] = args[16].float()
     with pytest.raises(RuntimeError, match="initial_loss must be float64"):
         torch.ops.adaml_kernels.fused_step_(*bad)
     bad = list(args)

@@ -407,7 +407,7 @@ def test_fused_ops_refuse_inconsistent_mode_arguments():
     bad[1] = [g.half() for g in args[1]]
     with pytest.raises(RuntimeError, match="config names other dtypes than the tensors'"):
         op(*bad)
-    bad[10] = args[10]._replace(grad_dtype=DTYPE_CODES[torch.float16])
+    bad[11] = args[11]._replace(grad_dtype=DTYPE_CODES[torch.float16])
     with pytest.raises(RuntimeError, match="gradients must have the params' dtype, or float32"):
         op(*bad)
     f32 = list(_mode_bucket(torch.float32, master=False, grads=torch.float32).fused_op_args(
@@ -415,13 +415,13 @@ def test_fused_ops_refuse_inconsistent_mode_arguments():
     f32[5] = [p.clone() for p in f32[0]]
     with pytest.raises(RuntimeError, match="master_params has 3 tensors; config says none"):
         op(*f32)
-    f32[10] = f32[10]._replace(master=1)
+    f32[11] = f32[11]._replace(master=1)
     with pytest.raises(RuntimeError, match="master weights are for float16/bfloat16 params"):
         op(*f32)
     f32 = list(_mode_bucket(torch.float32, master=False, moments=torch.float16).fused_op_args(
         hp, inputs))
     with pytest.raises(RuntimeError, match="moments must be float64 for float64 params, else "
-                                           "float32 or bfloat16"):
+                                           "float32, bfloat16 or uint8"):
         op(*f32)
 
 
