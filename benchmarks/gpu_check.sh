@@ -26,8 +26,8 @@
 #       To fit the limits, the benchmark runs with --quick --sizes 1M,16M (single tensors of 1M
 #       and 16M parameters, GPT-2 small, 5,000 small tensors; --quick alone also runs 256M) on
 #       float32 and bfloat16 parameters, every backend in each of AdamL's low-precision modes
-#       that concerns the dtype (sr, master, bf16m, bf16m+sr, master+bf16m+sr); the memory check
-#       runs 16M and both lists (not 256M). ADAML_GPU_BENCH_ARGS replaces `--quick --sizes 1M,16M`
+#       that concerns the dtype (sr, master, bf16m, bf16m+sr, master+bf16m+sr, 8bit); the memory
+#       check runs 16M and both lists (not 256M). ADAML_GPU_BENCH_ARGS replaces `--quick --sizes 1M,16M`
 #       (e.g. ADAML_GPU_BENCH_ARGS= runs the full 1M-1B sweep, which needs a longer limit:
 #       ADAML_GPU_BENCH_LIMIT, seconds).
 #
@@ -63,7 +63,7 @@ PY=${PYTHON:-python}
 unset TRITON_INTERPRET
 export PYTHONDONTWRITEBYTECODE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py tests/test_precision.py tests/test_precision_behaviour.py}
+TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_quant8.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py tests/test_precision.py tests/test_precision_behaviour.py}
 STAMP="$REPO/build/gpu_check.stamp"
 
 STEP_NAMES=()

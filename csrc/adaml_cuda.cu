@@ -19,6 +19,7 @@
 #include <string>
 #include <type_traits>
 
+#include "adaml_quant8.h"
 #include "adaml_update.h"
 
 namespace adaml {
@@ -161,6 +162,90 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   }
 }
 
+// The largest of v over the 32 lanes of a warp, on every lane.
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+#pragma unroll
+  for (int lane = 16; lane > 0; lane >>= 1) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, lane));
+  return v;
+}
+
+// 8-bit moments (adaml_quant8.h): each warp updates one block of kQuantBlock = 32 x kPerThread
+// elements, so a block's new scale is one warp reduction of its new moments' magnitude bits
+// (as the CPU kernel takes its integer maximum). The moments are decoded with the block's old
+// scale, the update runs in float as in the other kernel, and the new moments are encoded with
+// the new scale; the parameter is written from the unrounded ones.
+static_assert(kQuantBlock == 32 * kPerThread, "a warp holds one block of 8-bit moments");
+
+template <typename Cfg>
+__global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a) {
+  using P = typename Cfg::P;
+  if (*a.take == 0.0f) return;
+  const int64_t chunk = blockIdx.x;
+  const int64_t* row = a.rows + static_cast<int64_t>(a.chunk_tensor[chunk]) * kColumns;
+  const int64_t numel = row[kNumel];
+  const int64_t start = (chunk - row[kFirstChunk]) * kChunk;
+
+  __shared__ TensorScalars shared;
+  if (threadIdx.x == 0) shared = tensor_scalars(a, row);
+  __syncthreads();
+  const StepScalars<float> s = shared.s;
+  const uint32_t key = shared.key;
+  const uint64_t offset = static_cast<uint64_t>(row[kElementOffset]);
+  const SwitchMasks<float> on(a.decay_mode, a.maximize, a.grad_scale != nullptr);
+  const bool sr = a.stochastic_rounding;
+
+  P* p = reinterpret_cast<P*>(row[kParamAddr]);
+  const P* g = reinterpret_cast<const P*>(row[kGradAddr]);
+  const float* g_float = reinterpret_cast<const float*>(row[kGradAddr]);
+  uint8_t* m = reinterpret_cast<uint8_t*>(row[kExpAvgAddr]);
+  uint8_t* w = reinterpret_cast<uint8_t*>(row[kExpAvgSqAddr]);
+  float* m_scales = reinterpret_cast<float*>(row[kExpAvgScaleAddr]);
+  float* w_scales = reinterpret_cast<float*>(row[kExpAvgSqScaleAddr]);
+  float* master = reinterpret_cast<float*>(row[kMasterAddr]);
+  const int64_t end = start + kChunk < numel ? start + kChunk : numel;
+  const int64_t block_start = start + static_cast<int64_t>(threadIdx.x / 32) * kQuantBlock;
+  const bool block_live = block_start < end;  // the same on every lane of the warp
+  const int64_t block = block_start / kQuantBlock;
+  const int m_exp = block_live ? exponent_of_scale(m_scales[block]) : 0;
+  const int w_exp = block_live ? exponent_of_scale(w_scales[block]) : 0;
+  const int64_t first = start + static_cast<int64_t>(threadIdx.x) * kPerThread;
+  float m_new[kPerThread], w_new[kPerThread];
+  uint32_t m_max = 0, w_max = 0;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t i = first + j;
+    if (i >= end) break;
+    float pc = Cfg::kMaster ? master[i] : Param<Cfg::PT>::load(p[i]);
+    const float gi = a.grad_float ? g_float[i] : Param<Cfg::PT>::load(g[i]);
+    float mc = decode8<kExpAvgMap>(m[i], m_exp);
+    float wc = decode8<kExpAvgSqMap>(w[i], w_exp);
+    update_element<float>(pc, gi, mc, wc, s, on);
+    const uint32_t bits = sr ? element_bits(key, offset + static_cast<uint64_t>(i)) : 0u;
+    if (Cfg::kMaster) master[i] = pc;
+    p[i] = Param<Cfg::PT>::store(pc, bits, sr);
+    m_new[j] = mc;
+    w_new[j] = wc;
+    m_max = max(m_max, magnitude_bits(float_to_bits(mc)));
+    w_max = max(w_max, magnitude_bits(float_to_bits(wc)));
+  }
+  m_max = warp_max(m_max);  // every lane takes part, live block or not
+  w_max = warp_max(w_max);
+  if (!block_live) return;
+  const int m_new_exp = scale_exponent<kExpAvgMap>(m_max);
+  const int w_new_exp = scale_exponent<kExpAvgSqMap>(w_max);
+  if ((threadIdx.x & 31) == 0) {  // after every lane has read the old scales (the shuffles)
+    m_scales[block] = scale_of(m_new_exp);
+    w_scales[block] = scale_of(w_new_exp);
+  }
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t i = first + j;
+    if (i >= end) break;
+    m[i] = encode8<kExpAvgMap>(float_to_bits(m_new[j]), m_new_exp);
+    w[i] = encode8<kExpAvgSqMap>(float_to_bits(w_new[j]), w_new_exp);
+  }
+}
+
 // Calls f(Config<PT, PT, MT, kMaster, false>{}) for the bucket's storage types.
 template <typename F> void dispatch_storage(int pt, int mt, bool master, F&& f) {
   auto moments = [&](auto ptc, auto masterc) {
@@ -168,6 +253,8 @@ template <typename F> void dispatch_storage(int pt, int mt, bool master, F&& f) 
     constexpr bool X = decltype(masterc)::value;
     if (mt == kBFloat16) {
       f(Config<P, P, kBFloat16, X, false>{});
+    } else if (mt == kUInt8) {
+      f(Config<P, P, kUInt8, X, false>{});
     } else {
       f(Config<P, P, kFloat32, X, false>{});
     }
@@ -183,8 +270,6 @@ template <typename F> void dispatch_storage(int pt, int mt, bool master, F&& f) 
 }
 
 void run_cuda_step(const StepLaunch& s) {
-  TORCH_CHECK(s.moment_type != kUInt8,
-              "adaml_kernels: the CUDA kernel has no 8-bit moments yet (state_dtype=torch.uint8)");
   const KernelTable& table = s.table;
   const int64_t blocks = table.num_chunks;  // an empty tensor has one (a block with no work)
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
@@ -212,11 +297,17 @@ void run_cuda_step(const StepLaunch& s) {
   // Only what is stored as bf16 is rounded stochastically (the CPU kernel compiles it out).
   a.stochastic_rounding =
       s.stochastic_rounding && (s.param_type == kBFloat16 || s.moment_type == kBFloat16);
+  // (8-bit moments are always rounded to nearest: there sr concerns bf16 params only.)
   a.seed = s.seed;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(blocks);
   dispatch_storage(s.param_type, s.moment_type, s.master, [&](auto cfg) {
-    adaml_kernel<decltype(cfg)><<<grid, kThreads, 0, stream>>>(a);
+    using Cfg = decltype(cfg);
+    if constexpr (Cfg::MT == kUInt8) {
+      adaml_kernel_8bit<Cfg><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      adaml_kernel<Cfg><<<grid, kThreads, 0, stream>>>(a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -234,9 +325,6 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, moment_scales,
                   rows, rows_host, chunk_tensor, hyper, config, loss, take, lr_tensor,
                   grad_scale, initial_loss, c10::DeviceType::CUDA);
-  TORCH_CHECK(config[kConfigMomentDtype] != kUInt8,
-              "adaml_kernels: the CUDA kernel has no 8-bit moments yet (state_dtype=torch.uint8);"
-              " use backend=\"triton\" on the GPU");
   bump_versions({params, exp_avgs, exp_avg_sqs, master_params, moment_scales});
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());

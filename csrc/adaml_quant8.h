@@ -86,8 +86,8 @@ template <int kMap> ADAML_HD float decode8(uint8_t c, int s) {
   const int normal_field = e - F::kBias + s + 127;
   const float normal =
       bits_to_float((static_cast<uint32_t>(normal_field < 1 ? 1 : normal_field) << 23) | (f << 20));
-  const float small =
-      static_cast<float>(f) * bits_to_float(static_cast<uint32_t>(1 - F::kBias - 3 + s + 127) << 23);
+  const uint32_t step_field = static_cast<uint32_t>(1 - F::kBias - 3 + s + 127);  // >= 1
+  const float small = static_cast<float>(f) * bits_to_float(step_field << 23);
   float value = e > 0 ? normal : small;
   if constexpr (F::kSigned) value = code >= 0x80u ? -value : value;
   return mag == F::kNaN ? bits_to_float(0x7FC00000u) : value;

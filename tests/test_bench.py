@@ -43,9 +43,12 @@ def test_cli_writes_json_rows_with_the_required_keys(smoke_run):
                     "vs_torch_fused"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
-        # float32: 28 B/param, 20 B/param with bf16 moments (modes bf16m, bf16m+sr)
+        # float32: 28 B/param, 20 B/param with bf16 moments (modes bf16m, bf16m+sr), 16.0625
+        # with 8-bit moments (a code and 1/256 of a float32 scale each)
         assert r["dtype"] == "float32"
-        assert r["bytes_per_param"] == (20 if (r["mode"] or "").startswith("bf16m") else 28)
+        mode = r["mode"] or ""
+        assert r["bytes_per_param"] == (
+            20 if mode.startswith("bf16m") else 16.0625 if mode == "8bit" else 28)
         assert r["bytes_moved"] == r["bytes_per_param"] * r["n_params"]
         assert r["n_tensors"] >= 1 and r["reps"] >= 2 and r["sets"] >= 1
 
@@ -155,9 +158,11 @@ def test_low_precision_modes_run_where_they_apply(tmp_path):
         ("float16", "cpu+master+bf16m+sr"): 20, ("float16", "torch_fused"): 14,
         ("float32", "cpu"): 28, ("float32", "cpu+bf16m"): 20, ("float32", "cpu+bf16m+sr"): 20,
         ("float32", "torch_fused"): 28,
+        ("bfloat16", "cpu+8bit"): 10.0625, ("float16", "cpu+8bit"): 10.0625,
+        ("float32", "cpu+8bit"): 16.0625,
     }
     assert {r["mode"] for r in rows if r["backend"].startswith("cpu")} == {
-        "default", "sr", "master", "bf16m", "bf16m+sr", "master+bf16m+sr"}
+        "default", "sr", "master", "bf16m", "bf16m+sr", "master+bf16m+sr", "8bit"}
     path2 = tmp_path / "default.json"
     assert cli.main(args[:-1] + [str(path2), "--modes", "default"]) == 0
     assert {r["backend"] for r in json.loads(path2.read_text())} == {"cpu", "torch_fused"}

@@ -121,19 +121,25 @@ def test_encoding_decoded_values_gives_the_same_values():
 SIZES = [5000, 4096, 300, 12_345]  # 300: below MIN_8BIT_NUMEL, keeps float32 moments
 
 
-def run_backend(backend: str, dtype, inputs: Inputs, **options):
-    params = [as_torch(p, dtype, "cpu").requires_grad_() for p in inputs.params]
+# (backend, device) pairs the whole-step tests run: the CUDA kernel where there is a GPU.
+STEP_BACKENDS = [("reference", "cpu"), ("cpu", "cpu")] + (
+    [("cuda", "cuda")] if torch.cuda.is_available()
+    and "cuda" in adaml_kernels.available_backends("cuda") else [])
+
+
+def run_backend(backend: str, dtype, inputs: Inputs, device="cpu", **options):
+    params = [as_torch(p, dtype, device).requires_grad_() for p in inputs.params]
     opt = AdamL(params, backend=backend, state_dtype=U8, **LOUD.optimizer_kwargs(), **options)
     for grads, loss in zip(inputs.grads, inputs.losses):
         for p, g in zip(params, grads):
-            p.grad = as_torch(g, dtype, "cpu")
-        opt.step(torch.tensor(loss, dtype=torch.float32))
+            p.grad = as_torch(g, dtype, device)
+        opt.step(torch.tensor(loss, dtype=torch.float32, device=device))
     return params, opt
 
 
 def moments_of(opt, p) -> tuple[torch.Tensor, torch.Tensor]:
     """p's moments as float32 values (decoded where they are 8-bit)."""
-    st = opt.state[p]
+    st = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
     if st["exp_avg"].dtype != U8:
         return st["exp_avg"], st["exp_avg_sq"]
     return (quant8.decode_moment(st["exp_avg"], st["exp_avg_scale"], "exp_avg"),
@@ -176,16 +182,16 @@ CASES = {"fp32": (torch.float32, {}),
          "bf16+master+sr": (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True))}
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend,device", STEP_BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("seed", range(2))
-def test_steps_against_the_float64_oracle(backend, case, seed):
-    if backend not in adaml_kernels.available_backends("cpu"):
+def test_steps_against_the_float64_oracle(backend, device, case, seed):
+    if backend not in adaml_kernels.available_backends(device):
         pytest.skip(f"{backend} is not available here")
     dtype, options = CASES[case]
     inputs = Inputs.random(SIZES, LOUD, seed)
     oracle = run_oracle(dtype, inputs, **options)
-    got = errors(*run_backend(backend, dtype, inputs, **options), oracle)
+    got = errors(*run_backend(backend, dtype, inputs, device, **options), oracle)
     ref = errors(*run_backend("reference", dtype, inputs, **options), oracle)
     assert ref["param"] <= QUANT8_PARAM_BOUND[dtype], ref
     assert got["param"] <= allowed_error(dtype, ref["param"]), (got, ref)
@@ -195,20 +201,22 @@ def test_steps_against_the_float64_oracle(backend, case, seed):
         assert got[key + "_mismatch"] <= 2 * ref[key + "_mismatch"] + QUANT8_MISMATCH_FLOOR
 
 
-@needs_cpu_kernel
+@pytest.mark.parametrize("backend,device", STEP_BACKENDS[1:])
 @pytest.mark.parametrize("case", CASES)
-def test_cpu_and_reference_give_the_same_codes(case):
+def test_fused_backends_give_the_reference_codes(backend, device, case):
+    if backend not in adaml_kernels.available_backends(device):
+        pytest.skip(f"{backend} is not available here")
     dtype, options = CASES[case]
     inputs = Inputs.random(SIZES, LOUD, 5)
     params_r, opt_r = run_backend("reference", dtype, inputs, **options)
-    params_c, opt_c = run_backend("cpu", dtype, inputs, **options)
+    params_c, opt_c = run_backend(backend, dtype, inputs, device, **options)
     for pr, pc in zip(params_r, params_c):
         for key, value in opt_r.state[pr].items():
             other = opt_c.state[pc][key]
             if isinstance(value, torch.Tensor) and value.dtype == U8:
                 # codes: the same but for a rare float32 rounding difference on a boundary
-                assert (value != other).float().mean() <= QUANT8_MISMATCH_FLOOR, key
-        torch.testing.assert_close(pc.detach().float(), pr.detach().float(),
+                assert (value != other.cpu()).float().mean() <= QUANT8_MISMATCH_FLOOR, key
+        torch.testing.assert_close(pc.detach().cpu().float(), pr.detach().float(),
                                    rtol=0, atol=QUANT8_PARAM_BOUND[dtype])
 
 

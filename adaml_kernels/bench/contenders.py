@@ -33,7 +33,7 @@ class Contender:
         """Whether this contender is measured for parameters of `dtype` (its mode concerns them)."""
         return self.mode.applies(dtype)
 
-    def bytes_per_param(self, dtype: torch.dtype) -> int:
+    def bytes_per_param(self, dtype: torch.dtype) -> float:
         return traffic_per_param(self.family, dtype, self.mode)
 
     def state_bytes(self, case: Case, dtype: torch.dtype) -> int:

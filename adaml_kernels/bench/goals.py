@@ -8,6 +8,8 @@ from .. import backends
 
 # From the issue "Step latency": AdamL's step time / torch fused Adam's, per tensor count.
 HOST_GOALS = {1: 0.5, 1000: 0.2, 5000: 0.2}
+# From the issue "8-bit moments": time / torch fused Adam on the same parameters.
+EIGHT_BIT_GOALS = {"float32": 0.60, "bfloat16": 0.75}
 
 
 def _find(rows, case, backend, dtype="float32"):
@@ -32,8 +34,13 @@ def mode_goal_lines(rows: list[dict]) -> list[str]:
         share = r["bytes_per_param"] / fused["bytes_per_param"]
         ok = r["vs_torch_fused"] <= 1.05 * share
         out.append(f"{'PASS' if ok else 'FAIL'}  {r['backend']} time / torch fused <= 1.05 x "
-                   f"bytes {r['bytes_per_param']}/{fused['bytes_per_param']} on {r['case']} "
+                   f"bytes {r['bytes_per_param']:g}/{fused['bytes_per_param']:g} on {r['case']} "
                    f"{r['dtype']}: {r['vs_torch_fused']:.3f} (limit {1.05 * share:.3f})")
+        goal = EIGHT_BIT_GOALS.get(r["dtype"]) if r["mode"] == "8bit" else None
+        if goal is not None:
+            out.append(f"{'PASS' if r['vs_torch_fused'] <= goal else 'FAIL'}  {r['backend']} "
+                       f"8-bit time / torch fused <= {goal} on {r['case']} {r['dtype']}: "
+                       f"{r['vs_torch_fused']:.3f}")
     return out
 
 

@@ -45,7 +45,8 @@ from .. import backends
 from ..optimizer import AdamL
 from .environment import environment, free_memory_bytes
 
-OPTIMIZERS = ("cpu", "reference", "torch_fused")  # AdamL's backends, then the baseline
+# AdamL's backends (cpu+8bit: the cpu backend with 8-bit moments), then the baseline.
+OPTIMIZERS = ("cpu", "cpu+8bit", "reference", "torch_fused")
 SCENARIOS = ("steady", "late_param", "state_dict", "zero_grad")  # one process each
 ROWS = ("steady_peak", "steady_resident", "late_param", "state_dict", "zero_grad")
 DEFAULT_SIZE = "24x2048"
@@ -102,7 +103,9 @@ def reset_hwm() -> bool:
 def _make_optimizer(name: str, params):
     if name == "torch_fused":
         return torch.optim.Adam(params, lr=LR, fused=True)
-    return AdamL(params, lr=LR, backend=name)
+    backend, _, mode = name.partition("+")
+    return AdamL(params, lr=LR, backend=backend,
+                 **(dict(state_dtype=torch.uint8) if mode == "8bit" else {}))
 
 
 def _backward(model, x, y, late=None) -> torch.Tensor:
@@ -254,8 +257,9 @@ def choose_optimizers(wanted=None) -> tuple[list[str], list[str]]:
     for name in OPTIMIZERS:
         if wanted is not None and name not in wanted:
             continue
-        if name != "torch_fused" and name not in available:
-            notes.append(f"{name}: unavailable ({backends.unavailable_reason(name, 'cpu')})")
+        if name != "torch_fused" and name.partition("+")[0] not in available:
+            reason = backends.unavailable_reason(name.partition("+")[0], "cpu")
+            notes.append(f"{name}: unavailable ({reason})")
             continue
         chosen.append(name)
     return chosen, notes

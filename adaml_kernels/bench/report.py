@@ -67,7 +67,7 @@ def traffic_model_text(dtypes, modes=("default",)) -> str:
         for m in modes:
             mode = MODES[m]
             if m != "default" and mode.applies(dt):
-                parts.append(f"    +{m}: {mode.traffic(dt)} B/param ({mode.traffic_text(dt)})")
+                parts.append(f"    +{m}: {mode.traffic(dt):g} B/param ({mode.traffic_text(dt)})")
     return "\n".join(parts)
 
 
@@ -78,7 +78,7 @@ def fmt(x, spec, none="-"):
 def format_table(rows: list[dict]) -> str:
     width = max([14] + [len(r["backend"]) for r in rows])
     head = (f"{'case':<11} {'backend':<{width}} {'params':>13} {'tensors':>7} {'dtype':<8} "
-            f"{'B/p':>3} {'median ms':>10} {'p10-p90 ms':>19} {'host ms':>9} {'GB/s':>7} "
+            f"{'B/p':>5} {'median ms':>10} {'p10-p90 ms':>19} {'host ms':>9} {'GB/s':>7} "
             f"{'%copy':>6} {'x fused':>7} {'sets':>4} {'reps':>4}")
     lines = [head, "-" * len(head)]
     previous = None
@@ -90,7 +90,7 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"# {r['case']}, {r['dtype']}: copy {fmt(r['copy_gbps'], '.1f')} GB/s")
         previous = key
         left = (f"{r['case']:<11} {r['backend']:<{width}} {r['n_params']:>13,} "
-                f"{r['n_tensors']:>7} {r['dtype']:<8} {r['bytes_per_param']:>3}")
+                f"{r['n_tensors']:>7} {r['dtype']:<8} {r['bytes_per_param']:>5.4g}")
         if r["skipped"]:
             lines.append(f"{left}  skipped: {r['skipped']}")
             continue

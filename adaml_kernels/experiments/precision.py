@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaml_kernels import AdamL
+from adaml_kernels import AdamL, quant8
 
 from .common import curve_stats, mean_std, pyplot, seed_everything
 from .lstm import BATCH, SEQ, CharLSTM, _windows, load_text
@@ -33,10 +33,11 @@ MODES = {
     "bf16 + master weights": (BF16, dict(master_weights=True)),
     "fp32 + bf16 moments": (torch.float32, dict(state_dtype=BF16)),
     "fp32 + bf16 moments + SR": (torch.float32, dict(state_dtype=BF16, stochastic_rounding=True)),
+    "fp32 + 8-bit moments": (torch.float32, dict(state_dtype=torch.uint8)),
 }
 COLORS = dict(zip(MODES, ("black", "tab:red", "tab:blue", "tab:green", "tab:orange",
-                          "tab:purple")))
-STYLES = dict(zip(MODES, ("-", "-", "--", ":", "-", "--")))
+                          "tab:purple", "tab:brown")))
+STYLES = dict(zip(MODES, ("-", "-", "--", ":", "-", "--", "-.")))
 
 
 def settings(quick: bool) -> dict:
@@ -73,13 +74,21 @@ def train(mode: str, lr: float, seed: int, cfg: dict, data) -> dict:
                 xv, yv = _windows(val, val_starts)
                 steps.append(k)
                 val_loss.append(loss_fn(model(xv).float().flatten(0, 1), yv.flatten()).item())
+    state_keys = ("exp_avg", "exp_avg_sq", "master_param", *quant8.SCALE_KEYS.values())
     state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values()
-                      for key, t in st.items() if key in ("exp_avg", "exp_avg_sq", "master_param"))
-    w = torch.cat([st["exp_avg_sq"].float().flatten() for st in opt.state.values()])
+                      for key, t in st.items() if key in state_keys)
+    w = torch.cat([_exp_avg_sq(st).flatten() for st in opt.state.values()])
     return {"steps": steps, "val_loss": val_loss, "state_bytes": state_bytes,
             "exp_avg_sq_median": float(w.median()),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "seconds": time.perf_counter() - start}
+
+
+def _exp_avg_sq(st: dict) -> torch.Tensor:
+    """A parameter's exp_avg_sq as float32 values (8-bit moments decoded)."""
+    if "exp_avg_sq_scale" in st:
+        return quant8.decode_moment(st["exp_avg_sq"], st["exp_avg_sq_scale"], "exp_avg_sq")
+    return st["exp_avg_sq"].float()
 
 
 def bf16_walk(steps: int = 100, lr: float = 1e-3, n: int = 4096) -> dict:

@@ -80,7 +80,8 @@ def render(result: dict, figure: str, command: str) -> str:
               f"{r['seconds']:.0f} s |")
         w("")
         w(_reading(runs) + "\n")
-    w("Optimizer state counts `exp_avg`, `exp_avg_sq` and `master_param` (the step counts and "
+    w("Optimizer state counts `exp_avg`, `exp_avg_sq`, `master_param` and the 8-bit moments' "
+      "block scales (the step counts and "
       "f_1 are a few bytes). \"exp_avg_sq vs fp32\": the median of the final `exp_avg_sq` over "
       "all weights (mean over seeds) over the fp32 run's. Times are the training loops of all "
       "seeds on this machine (the bf16 runs were faster here; where the time goes was not "
@@ -93,10 +94,15 @@ def _reading(runs: dict) -> str:
     fp32 = runs["fp32"]["final_loss_mean_std"][0]
     parts = []
     for name in ("bf16, round to nearest", "bf16 + stochastic rounding",
-                 "bf16 + master weights", "fp32 + bf16 moments", "fp32 + bf16 moments + SR"):
+                 "bf16 + master weights", "fp32 + bf16 moments", "fp32 + bf16 moments + SR",
+                 "fp32 + 8-bit moments"):
         r = runs[name]
         parts.append(f"{name}: {r['verdict']} ({r['final_loss_mean_std'][0] - fp32:+.4f})")
     text = "Against fp32: " + "; ".join(parts) + "."
+    eight = runs["fp32 + 8-bit moments"]["final_loss_mean_std"][0]
+    text += (f" 8-bit moments end {100 * (eight / fp32 - 1):+.2f}% from fp32's final loss "
+             f"(goal: within 2%), with {runs['fp32 + 8-bit moments']['state_bytes']:,} bytes "
+             f"of state against fp32's {runs['fp32']['state_bytes']:,}.")
     nearest = runs["fp32 + bf16 moments"]
     if nearest["verdict"] != "same as fp32":
         ratio = nearest["exp_avg_sq_vs_fp32"]
