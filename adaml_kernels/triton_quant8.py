@@ -125,10 +125,11 @@ def decode8(c, s, MAP: tl.constexpr):
 
 @triton.jit
 def load_blocks(codes_ptr, scales_ptr, offs, mask, block_mask, MAP: tl.constexpr):
-    """The float32 tile at codes_ptr + offs, its rows' scales at scales_ptr (one per row)."""
+    """The float32 tile at codes_ptr + offs, its rows' scales at scales_ptr (one per row);
+    elements off `mask` are undefined (the caller stores none of them)."""
     rows = tl.arange(0, offs.shape[0])
-    s = exponent_of_scale(tl.load(scales_ptr + rows, mask=block_mask, other=1.0))
-    return decode8(tl.load(codes_ptr + offs, mask=mask, other=0), s[:, None], MAP)
+    s = exponent_of_scale(tl.load(scales_ptr + rows, mask=block_mask))
+    return decode8(tl.load(codes_ptr + offs, mask=mask), s[:, None], MAP)
 
 
 @triton.jit
