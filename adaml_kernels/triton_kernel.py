@@ -4,7 +4,9 @@ Each program updates one chunk of CHUNK elements of one tensor. It finds its ten
 bucket's pointer table (buckets.py), so a bucket of any number of tensors is a single launch and
 the parameters stay where the model put them. Per program, the step-dependent scalars (scaled
 loss, bias corrections) are computed once in float64; the element-wise update runs in float32
-and each array is read and written exactly once.
+and each array is read and written exactly once. With 8-bit moments (uint8 codes,
+quant8.py) a chunk is its blocks of QUANT_BLOCK elements, decoded and encoded by
+triton_quant8.py's helpers.
 
 The loss, the step counts and the take/skip flag are read from device memory: the launch needs
 no host synchronisation and can be captured in a CUDA graph. On a machine without a GPU the same
@@ -28,8 +30,12 @@ from .hyperparams import Hyperparams
 from .layout import (CHUNK, L_MIN, MIX_1 as _MIX_1, MIX_2 as _MIX_2, SEED_SALT as _SEED_SALT,
                      SQ_STREAM as _SQ_STREAM, DTYPE_CODES, TABLE_COLUMNS, Column, Config, Hyper)
 from .loss import StepInputs
+from .quant8 import num_blocks
+from .triton_quant8 import EXP_AVG_MAP, EXP_AVG_SQ_MAP, QUANT_BLOCK, load_blocks, store_blocks
 
 _TRITON_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# uint8 moments are 8-bit codes with block scales (quant8.py), not a float dtype.
+_MOMENT_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8}
 
 # Weight-decay modes: they change which arrays feed the update, so they are constexpr.
 NO_DECAY = tl.constexpr(0)
@@ -103,20 +109,12 @@ def _store_moment(x, bits, MOMENT: tl.constexpr, SR: tl.constexpr):
 
 
 @triton.jit
-def _update_chunk(
-    p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, mask, grad_scale,
-    beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-    weight_decay, decay, key, index_base,
-    PARAM: tl.constexpr, MOMENT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+def _update_values(
+    p, g, m, w, grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps,
+    step_size, weight_decay, decay,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
 ):
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    if MASTER:
-        p = tl.load(x_ptr + offs, mask=mask)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+    """Steps 3-7 on float32 values: the new p, m and w (shared by the float and 8-bit paths)."""
     if MAXIMIZE:
         g = -g
     if HAS_GRAD_SCALE:
@@ -139,11 +137,40 @@ def _update_chunk(
     nonzero = w != 0.0
     quotient = tl.where(nonzero, tl.div_rn(m, tl.sqrt_rn(tl.where(nonzero, w, 1.0))), 0.0)
     p = p - step_size * quotient
+    return p, m, w
+
+
+@triton.jit
+def _element_bits(offs, key, index_base, SR: tl.constexpr):
+    """Stochastic rounding's random bits of the elements at offs (0 without SR)."""
     bits = tl.zeros_like(offs).to(tl.uint32)
     if SR:
         # adaml_update.h element_bits(): i is the element's index in the whole parameter.
         i = index_base + offs
         bits = _mix32(_mix32(key ^ i.to(tl.uint32)) ^ (i >> 32).to(tl.uint32))
+    return bits
+
+
+@triton.jit
+def _update_chunk(
+    p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, mask, grad_scale,
+    beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
+    weight_decay, decay, key, index_base,
+    PARAM: tl.constexpr, MOMENT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
+):
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if MASTER:
+        p = tl.load(x_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+    p, m, w = _update_values(
+        p, g, m, w, grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2,
+        coef_eps, step_size, weight_decay, decay, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+    )
+    bits = _element_bits(offs, key, index_base, SR)
     if MASTER:
         tl.store(x_ptr + offs, p, mask=mask)
     tl.store(p_ptr + offs, _store_as(p, bits, PARAM, SR), mask=mask)
@@ -152,6 +179,37 @@ def _update_chunk(
     if SR:
         w_bits = _mix32(bits ^ SQ_STREAM)
     tl.store(w_ptr + offs, _store_moment(w, w_bits, MOMENT, SR), mask=mask)
+
+
+@triton.jit
+def _update_chunk_8bit(
+    p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, m_scale_ptr, w_scale_ptr, offs, mask, block_mask,
+    grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
+    weight_decay, decay, key, index_base,
+    PARAM: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
+):
+    """_update_chunk for 8-bit moments: offs is the chunk as (blocks, QUANT_BLOCK), the scale
+    pointers point at its first block's scales. The moments are decoded with the old scales,
+    updated in float32 (p from the unquantized new moments) and encoded, each block's scale
+    from its new values; codes round to nearest (only a bf16 param rounds stochastically)."""
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if MASTER:
+        p = tl.load(x_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = load_blocks(m_ptr, m_scale_ptr, offs, mask, block_mask, EXP_AVG_MAP)
+    w = load_blocks(w_ptr, w_scale_ptr, offs, mask, block_mask, EXP_AVG_SQ_MAP)
+    p, m, w = _update_values(
+        p, g, m, w, grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2,
+        coef_eps, step_size, weight_decay, decay, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
+    )
+    bits = _element_bits(offs, key, index_base, SR)
+    if MASTER:
+        tl.store(x_ptr + offs, p, mask=mask)
+    tl.store(p_ptr + offs, _store_as(p, bits, PARAM, SR), mask=mask)
+    store_blocks(m, m_ptr, m_scale_ptr, offs, mask, block_mask, EXP_AVG_MAP)
+    store_blocks(w, w_ptr, w_scale_ptr, offs, mask, block_mask, EXP_AVG_SQ_MAP)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -240,7 +298,34 @@ def adaml_kernel(
         key = _mix32(key ^ tl.load(row + PARAM_INDEX_COLUMN).to(tl.uint32))
 
     offs = start + tl.arange(0, CHUNK)
-    if start + CHUNK <= numel:
+    if MOMENT == tl.uint8:
+        # 8-bit moments: a chunk starts on a block boundary (CHUNK is a multiple of
+        # QUANT_BLOCK), so it is CHUNK // QUANT_BLOCK whole blocks, one per row.
+        blocks = tl.arange(0, CHUNK // QUANT_BLOCK)
+        offs = start + blocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
+        first_block = start // QUANT_BLOCK
+        m_scale_ptr = tl.load(row + EXP_AVG_SCALE_COLUMN).to(tl.pointer_type(tl.float32))
+        w_scale_ptr = tl.load(row + EXP_AVG_SQ_SCALE_COLUMN).to(tl.pointer_type(tl.float32))
+        m_scale_ptr += first_block
+        w_scale_ptr += first_block
+        if start + CHUNK <= numel:
+            _update_chunk_8bit(
+                p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, m_scale_ptr, w_scale_ptr, offs, None, None,
+                grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps,
+                step_size, weight_decay, decay, key, index_base, PARAM, MASTER, SR, MAXIMIZE,
+                HAS_GRAD_SCALE, DECAY_MODE,
+            )
+        else:
+            # The tail: masked elements count as 0 in a block's max and are not stored; a
+            # block without a valid element keeps its scale (a skipped step: every block).
+            _update_chunk_8bit(
+                p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, m_scale_ptr, w_scale_ptr, offs, offs < numel,
+                start + blocks * QUANT_BLOCK < numel,
+                grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps,
+                step_size, weight_decay, decay, key, index_base, PARAM, MASTER, SR, MAXIMIZE,
+                HAS_GRAD_SCALE, DECAY_MODE,
+            )
+    elif start + CHUNK <= numel:
         # Full chunk: no mask, so aligned data is moved with 16-byte vector accesses.
         _update_chunk(
             p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, None, grad_scale,
@@ -299,17 +384,18 @@ def triton_step_(
     h, cfg = Hyper(*hyper), Config(*config)
     if not params:
         return
-    _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params)
+    _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params, moment_scales)
     if tuple(cfg[:4]) != (DTYPE_CODES[params[0].dtype], DTYPE_CODES[grads[0].dtype],
                           DTYPE_CODES[exp_avgs[0].dtype], int(bool(master_params))):
         raise ValueError(f"triton_step_: config {cfg} names other dtypes than the tensors'")
     masters = master_params or None
-    if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps, masters):
+    if table_matches(rows_host, params, grads, exp_avgs, exp_avg_sqs, steps, masters,
+                     moment_scales):
         num_chunks, aligned = chunk_tensor.numel(), rows_aligned(rows_host)
     else:  # copies of the tensors (torch.compile): point a fresh table at them
         table = build_table(params, grads, exp_avgs, exp_avg_sqs, steps, masters,
                             rows_host[:, Column.PARAM_INDEX].tolist(),
-                            rows_host[:, Column.ELEMENT_OFFSET].tolist())
+                            rows_host[:, Column.ELEMENT_OFFSET].tolist(), moment_scales)
         rows, chunk_tensor, num_chunks, aligned = (
             table.rows, table.chunk_tensor, table.num_chunks, table.aligned
         )
@@ -341,7 +427,7 @@ def triton_step_(
             _as_int32(seed_bits & 0xFFFFFFFF), _as_int32(seed_bits >> 32),
             PARAM=_TRITON_DTYPE[params[0].dtype],
             GRAD=_TRITON_DTYPE[grads[0].dtype],
-            MOMENT=_TRITON_DTYPE[moment],
+            MOMENT=_MOMENT_DTYPE[moment],
             MASTER=masters is not None,
             SR=sr,
             NORMALIZE=bool(h.normalize_loss),
@@ -362,8 +448,9 @@ def _as_int32(u: int) -> int:
     return u - (1 << 32) if u >= (1 << 31) else u
 
 
-def _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params) -> None:
-    """The bucket's dtypes: one each for params, grads and moments, and what the kernel takes."""
+def _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params, moment_scales) -> None:
+    """The bucket's dtypes: one each for params, grads and moments, and what the kernel takes;
+    8-bit moments' block scales."""
     dtype, grad, moment = params[0].dtype, grads[0].dtype, exp_avgs[0].dtype
     half = dtype in (torch.float16, torch.bfloat16)
     if dtype not in _TRITON_DTYPE:
@@ -371,11 +458,10 @@ def _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params) -> None:
     if not (grad == dtype or (half and grad == torch.float32)):
         raise ValueError(f"triton_step_: {grad} gradients for {dtype} params (gradients must "
                          "have the params' dtype, or float32 for float16/bfloat16 params)")
-    if moment == torch.uint8:
-        raise ValueError("triton_step_: the Triton kernel has no 8-bit moments yet "
-                         "(state_dtype=torch.uint8)")
-    if moment not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"triton_step_: moments must be float32 or bfloat16, got {moment}")
+    if moment not in _MOMENT_DTYPE:
+        raise ValueError(f"triton_step_: moments must be float32, bfloat16 or uint8 (8-bit), "
+                         f"got {moment}")
+    _check_scales(params, moment_scales, moment == torch.uint8)
     if master_params and not half:
         raise ValueError(
             f"triton_step_: master_params are for float16/bfloat16 params, not {dtype}")
@@ -388,6 +474,27 @@ def _check_types(params, grads, exp_avgs, exp_avg_sqs, master_params) -> None:
         for i, t in enumerate(tensors):
             if t.dtype != want:
                 raise ValueError(f"triton_step_: {name}[{i}] is {t.dtype}, expected {want}")
+
+
+def _check_scales(params, moment_scales, eight_bit: bool) -> None:
+    """8-bit moments need each tensor's exp_avg scales, then each one's exp_avg_sq scales:
+    float32, contiguous, one per QUANT_BLOCK elements (the kernel writes through them)."""
+    if not eight_bit:
+        if moment_scales:
+            raise ValueError("triton_step_: moment_scales are for 8-bit (uint8) moments only")
+        return
+    n = len(params)
+    if len(moment_scales) != 2 * n:
+        raise ValueError(f"triton_step_: 8-bit moments need 2 scale tensors per param "
+                         f"({2 * n}), got {len(moment_scales)}")
+    for i, scale in enumerate(moment_scales):
+        blocks = num_blocks(params[i % n].numel())
+        if scale.dtype != torch.float32 or not scale.is_contiguous() or \
+                scale.numel() != blocks or scale.device != params[i % n].device:
+            raise ValueError(
+                f"triton_step_: moment_scales[{i}] must be a contiguous float32 tensor of "
+                f"{blocks} elements on {params[i % n].device}, got {scale.dtype} "
+                f"{tuple(scale.shape)} on {scale.device}")
 
 
 @triton_step_.register_fake
