@@ -63,7 +63,7 @@ PY=${PYTHON:-python}
 unset TRITON_INTERPRET
 export PYTHONDONTWRITEBYTECODE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_quant8.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py tests/test_precision.py tests/test_precision_behaviour.py}
+TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_quant8.py tests/test_quant8_triton.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py tests/test_precision.py tests/test_precision_behaviour.py}
 STAMP="$REPO/build/gpu_check.stamp"
 
 STEP_NAMES=()

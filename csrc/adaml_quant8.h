@@ -51,23 +51,27 @@ ADAML_HD int exponent_of_scale(float scale) {
   return static_cast<int>(float_to_bits(scale) >> 23) - 127;
 }
 
-// The code of the float with bits b in a block of scale 2^s, rounded to nearest even.
+// The code of the float with bits b in a block of scale 2^s, rounded to nearest even, from bit
+// operations and exact products of normal floats only (flush-to-zero modes change nothing).
 template <int kMap> ADAML_HD uint8_t encode8(uint32_t b, int s) {
   using F = QuantFormat<kMap>;
   const uint32_t mag = b & 0x7FFFFFFFu;
   const int field = static_cast<int>(mag >> 23);
-  const uint32_t significand = field > 0 ? ((mag & 0x7FFFFFu) | 0x800000u) : (mag & 0x7FFFFFu);
-  const int exponent = (field > 0 ? field : 1) - 127;
-  int target = exponent - s;
-  target = target < 1 - F::kBias ? 1 - F::kBias : target;
-  int shift = 23 + s + target - 3 - exponent;  // >= 20
-  shift = shift > 25 ? 25 : shift;
-  uint32_t q = significand >> shift;
-  const uint32_t rest = significand - (q << shift);
-  const uint32_t half = 1u << (shift - 1);
-  q += (rest > half || (rest == half && (q & 1u))) ? 1u : 0u;
-  const int32_t wide = ((target + F::kBias - 1) << 3) + static_cast<int32_t>(q);  // >= 0
-  uint32_t code = wide > static_cast<int32_t>(F::kTop) ? F::kTop : static_cast<uint32_t>(wide);
+  // y = |x| / 2^s >= 2^(1 - bias): y's bits are x's with s taken off the exponent field; drop 20
+  // mantissa bits, rounding to nearest even, and rebias.
+  const uint32_t y = mag - (static_cast<uint32_t>(s) << 23);
+  const uint32_t normal =
+      ((y + 0x7FFFFu + ((y >> 20) & 1u)) >> 20) - (static_cast<uint32_t>(127 - F::kBias) << 3);
+  // Below: y in steps of 2^(-bias - 2), i.e. x's significand times 2^k; adding 2^23 rounds that
+  // (< 8) to an integer, to nearest even. k < -126: far below half a step.
+  const uint32_t significand = field > 0 ? ((mag & 0x7FFFFFu) | 0x800000u) : mag;
+  const int k = (field > 0 ? field : 1) - 150 - s + F::kBias + 2;
+  const float steps = static_cast<float>(static_cast<int32_t>(significand)) *
+                      bits_to_float(static_cast<uint32_t>((k < -126 ? -126 : k) + 127) << 23);
+  uint32_t code = float_to_bits(steps + 8388608.0f) - 0x4B000000u;
+  code = k < -126 ? 0u : code;
+  code = field - s >= 128 - F::kBias ? normal : code;
+  code = code > F::kTop || mag >= 0x7F800000u ? F::kTop : code;  // (and inf)
   if constexpr (F::kSigned) {
     code = (code != 0u && (b >> 31)) ? (code | 0x80u) : code;
   } else {
@@ -81,14 +85,12 @@ template <int kMap> ADAML_HD float decode8(uint8_t c, int s) {
   using F = QuantFormat<kMap>;
   const uint32_t code = c;
   const uint32_t mag = F::kSigned ? (code & 0x7Fu) : code;
-  const int e = static_cast<int>(mag >> 3);
-  const uint32_t f = mag & 7u;
-  const int normal_field = e - F::kBias + s + 127;
-  const float normal =
-      bits_to_float((static_cast<uint32_t>(normal_field < 1 ? 1 : normal_field) << 23) | (f << 20));
-  const uint32_t step_field = static_cast<uint32_t>(1 - F::kBias - 3 + s + 127);  // >= 1
-  const float small = static_cast<float>(f) * bits_to_float(step_field << 23);
-  float value = e > 0 ? normal : small;
+  // e > 0: exponent and mantissa moved into place, rebiased by s.
+  const uint32_t normal = (mag << 20) + (static_cast<uint32_t>(s + 127 - F::kBias) << 23);
+  // e = 0: f steps of 2^(s - bias - 2).
+  const float small = static_cast<float>(mag) *
+                      bits_to_float(static_cast<uint32_t>(s - F::kBias - 2 + 127) << 23);
+  float value = mag >= 8u ? bits_to_float(normal) : small;
   if constexpr (F::kSigned) value = code >= 0x80u ? -value : value;
   return mag == F::kNaN ? bits_to_float(0x7FC00000u) : value;
 }
