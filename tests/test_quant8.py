@@ -72,6 +72,17 @@ def test_the_cpu_kernel_quantizes_bitwise_as_the_reference(which, signed):
                            quant8.decode(codes, scales, which).view(torch.int32))
 
 
+@needs_cpu_kernel
+def test_opcheck_of_the_quantizer_ops():
+    x = torch.nan_to_num(awkward(2000, 1, signed=True))
+    for which in (quant8.EXP_AVG_MAP, quant8.EXP_AVG_SQ_MAP):
+        v = x if which == quant8.EXP_AVG_MAP else x.abs()
+        torch.library.opcheck(torch.ops.adaml_kernels.quantize_8bit.default, (v, which))
+        codes, scales = quant8.encode(v, which)
+        torch.library.opcheck(torch.ops.adaml_kernels.dequantize_8bit.default,
+                              (codes, scales, which))
+
+
 def _block_absmax(x: torch.Tensor, which: int) -> torch.Tensor:
     """Each element's block's absmax, at least the smallest scale's half (the bounds' absmax)."""
     blocks = quant8.num_blocks(x.numel())
