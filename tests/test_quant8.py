@@ -319,3 +319,30 @@ def test_an_adam_checkpoint_warm_starts_8bit_adaml_and_back():
     assert torch.equal(back.state[p]["exp_avg_sq"], w)
     assert "exp_avg_scale" not in back.state[p]
     assert float(back.state[p]["step"]) == 4.0
+
+
+def test_an_8bit_checkpoint_loads_into_a_float32_adaml_decoded_and_back():
+    model, x, y = _model_and_data()
+    opt = AdamL(model.parameters(), lr=1e-2, state_dtype=U8, backend="reference")
+    _train(model, opt, x, y, 2)
+    params = list(model.parameters())
+    plain = AdamL(params, lr=1e-2, backend="reference")
+    plain.load_state_dict(opt.state_dict())
+    for p in params:
+        m, w = moments_of(opt, p)
+        assert torch.equal(plain.state[p]["exp_avg"], m)
+        assert torch.equal(plain.state[p]["exp_avg_sq"], w)
+        assert "exp_avg_scale" not in plain.state[p]
+    # Back to 8 bits from the decoded values: they encode to themselves, so a step from them is
+    # bitwise the step from the original codes.
+    twin, _, _ = _model_and_data()
+    twin.load_state_dict(model.state_dict())
+    again = AdamL(twin.parameters(), lr=1e-2, state_dtype=U8, backend="reference")
+    again.load_state_dict(plain.state_dict())
+    _train(model, opt, x, y, 1)
+    _train(twin, again, x, y, 1)
+    for a, b in zip(params, twin.parameters()):
+        assert torch.equal(a, b)
+        m, w = moments_of(opt, a)
+        m2, w2 = moments_of(again, b)
+        assert torch.equal(m, m2) and torch.equal(w, w2)
