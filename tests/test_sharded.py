@@ -157,12 +157,36 @@ def fsdp_low_precision(rank, world):
     return full_params(model)
 
 
+def fsdp_refuses_8bit_moments(rank, world):
+    """8-bit moments under FSDP2: refused with a clear error before anything changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128))  # 8,192 weights per shard: 8-bit
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = AdamL(model.parameters(), lr=0.05, state_dtype=torch.uint8)
+    before = [p.detach().to_local().clone() for p in model.parameters()]
+    loss = model(torch.randn(4, 128)).square().mean()
+    loss.backward()
+    try:
+        opt.step(loss)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    unchanged = all(torch.equal(b, p.detach().to_local())
+                    for b, p in zip(before, model.parameters()))
+    laid_out = any("exp_avg" in st for st in opt.state.values())
+    return message, unchanged, laid_out
+
+
 def worker(rank, world, out_dir):
     results = {
         "fsdp": {(b, str(dt)): fsdp_parity(rank, world, b, dt) for b, dt in CASES},
         "tp": {b: tp_parity(rank, world, b) for b in adaml_kernels.available_backends("cpu")},
         "dcp": dcp_round_trips(rank, world, out_dir),
         "low_precision": fsdp_low_precision(rank, world),
+        "refuses_8bit": fsdp_refuses_8bit_moments(rank, world),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
@@ -290,3 +314,11 @@ def test_fsdp2_on_gpus_matches_one_process(tmp_path):
         params, _, kind = results[backend]
         assert kind == "DTensor"
         assert normwise(params, full_params(model)) <= PARITY_BOUND[torch.float32], backend
+
+
+def test_fsdp2_refuses_8bit_moments_before_anything_changes(ranks):
+    results, _, _ = ranks
+    for r in results:
+        message, unchanged, laid_out = r["refuses_8bit"]
+        assert message is not None and "8-bit moments" in message and "DTensor" in message
+        assert unchanged and not laid_out
