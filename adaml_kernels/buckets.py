@@ -169,8 +169,8 @@ class Bucket:
          initial_loss?)
 
         `hyper` and `config` are layout.Hyper and layout.Config; `master_params` is [] without
-        master weights, `moment_scales` [] without 8-bit moments. `inputs` (loss.StepInputs) are on the bucket's device; the launch only
-        reads them.
+        master weights, `moment_scales` [] without 8-bit moments. `inputs` (loss.StepInputs) are
+        on the bucket's device; the launch only reads them.
         """
         table = self.table()
         lr_tensor = None
@@ -178,8 +178,8 @@ class Bucket:
             lr_tensor = _to_device(hp.lr.reshape(()), self.device)
         return (
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps,
-            self.master_params or [], self.moment_scales or [], table.rows, table.rows_host, table.chunk_tensor,
-            hp.launch_values(), self.config, inputs.loss, inputs.take, lr_tensor,
+            self.master_params or [], self.moment_scales or [], table.rows, table.rows_host,
+            table.chunk_tensor, hp.launch_values(), self.config, inputs.loss, inputs.take, lr_tensor,
             inputs.grad_scale, inputs.initial_loss if hp.normalize_loss else None,
         )
 
