@@ -128,6 +128,13 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
 
 
+def laid_out_like(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`values` as float32 with t's shape, strides and device, so that encoding them cuts the
+    blocks of t's memory order."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device)
+    return out.copy_(values)
+
+
 def _like(flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """`flat` (in t's memory order) as a tensor with t's shape and strides."""
     return flat.as_strided(t.shape, t.stride())
@@ -194,9 +201,6 @@ def fill(codes: torch.Tensor, scale: torch.Tensor, source, source_scale, name: s
         if source_scale is None:
             raise ValueError(f"8-bit {name!r} has no {SCALE_KEYS[name]!r}: cannot decode it")
         source = decode_moment(source, source_scale, name)
-    values = torch.empty_strided(codes.shape, codes.stride(), dtype=torch.float32,
-                                 device=codes.device)
-    values.copy_(source)
-    new_codes, new_scale = encode(values, MAPS[name])
+    new_codes, new_scale = encode(laid_out_like(source, codes), MAPS[name])
     codes.copy_(new_codes)
     scale.copy_(new_scale)

@@ -99,15 +99,9 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
     if m_scale is not None:  # 8-bit moments: encoded, each block's scale from its new values
         for codes, scale, new, which in ((m, m_scale, m_new, quant8.EXP_AVG_MAP),
                                          (w, w_scale, w_new, quant8.EXP_AVG_SQ_MAP)):
-            new_codes, new_scale = quant8.encode(_like(new, codes), which)
+            new_codes, new_scale = quant8.encode(quant8.laid_out_like(new, codes), which)
             codes.copy_(torch.where(taken, new_codes, codes))
             scale.copy_(torch.where(taken, new_scale, scale))
         return
     m.copy_(torch.where(taken, precision.store_moment(m_new, m.dtype, m_bits), m))
     w.copy_(torch.where(taken, precision.store_moment(w_new, w.dtype, w_bits), w))
-
-
-def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x's values laid out with t's strides (blocks of 8-bit moments are in memory order)."""
-    out = torch.empty_strided(t.shape, t.stride(), dtype=x.dtype, device=x.device)
-    return out.copy_(x)

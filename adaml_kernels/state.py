@@ -142,23 +142,19 @@ def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
     for key, value in saved.items():
         if key not in STATE_KEYS:
             continue
+        if key in ("exp_avg", "exp_avg_sq", MASTER_KEY) and value.shape != p.shape:
+            raise ValueError(
+                f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
+            )
         if key in quant8.SCALE_KEYS.values():
-            value = value.to(device=local(p).device, dtype=torch.float32, copy=True)
+            value = value.to(device=p.device, dtype=torch.float32, copy=True)
         elif key in quant8.SCALE_KEYS and value.dtype == torch.uint8:
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
-                )
             if quant8.SCALE_KEYS[key] not in saved:
                 raise ValueError(f"saved 8-bit {key!r} has no {quant8.SCALE_KEYS[key]!r}")
             value = value.to(device=p.device, copy=True)
             if mdt != torch.uint8:
                 value = quant8.decode_moment(value, saved[quant8.SCALE_KEYS[key]], key).to(mdt)
         elif key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"saved {key!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
-                )
             dtype = torch.float32 if key == MASTER_KEY or mdt == torch.uint8 else mdt
             value = value.to(device=p.device, dtype=dtype, copy=True)
             if key == MASTER_KEY:

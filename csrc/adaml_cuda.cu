@@ -92,6 +92,34 @@ __device__ __noinline__ TensorScalars tensor_scalars(const LaunchArgs& a, const 
   return out;
 }
 
+// What every thread of a block needs of its chunk: the tensor's row, the chunk's elements
+// [start, end), and the step's scalars (computed by thread 0, shared through shared memory).
+struct ChunkWork {
+  const int64_t* row;
+  int64_t start, end;
+  StepScalars<float> s;
+  uint32_t key;
+  uint64_t offset;  // the whole parameter's index of the tensor's element 0
+  SwitchMasks<float> on;
+};
+
+__device__ __forceinline__ ChunkWork chunk_work(const LaunchArgs& a) {
+  const int64_t chunk = blockIdx.x;
+  ChunkWork c;
+  c.row = a.rows + static_cast<int64_t>(a.chunk_tensor[chunk]) * kColumns;
+  const int64_t numel = c.row[kNumel];
+  c.start = (chunk - c.row[kFirstChunk]) * kChunk;
+  c.end = c.start + kChunk < numel ? c.start + kChunk : numel;
+  __shared__ TensorScalars shared;
+  if (threadIdx.x == 0) shared = tensor_scalars(a, c.row);
+  __syncthreads();
+  c.s = shared.s;
+  c.key = shared.key;
+  c.offset = static_cast<uint64_t>(c.row[kElementOffset]);
+  c.on = SwitchMasks<float>(a.decay_mode, a.maximize, a.grad_scale != nullptr);
+  return c;
+}
+
 // The storage types of params, moments and the master weight are compile-time (Cfg; its GT and
 // kSR are unused here); the gradient dtype and stochastic rounding are warp-uniform run-time
 // switches, the decay mode, maximize and the grad scale bit masks (as in the CPU kernel), which
@@ -102,18 +130,13 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   using M = typename Cfg::M;
   // A skipped step is a step over nothing: no block reads or writes anything else.
   if (*a.take == 0.0f) return;
-  const int64_t chunk = blockIdx.x;
-  const int64_t* row = a.rows + static_cast<int64_t>(a.chunk_tensor[chunk]) * kColumns;
-  const int64_t numel = row[kNumel];
-  const int64_t start = (chunk - row[kFirstChunk]) * kChunk;
-
-  __shared__ TensorScalars shared;
-  if (threadIdx.x == 0) shared = tensor_scalars(a, row);
-  __syncthreads();
-  const StepScalars<float> s = shared.s;
-  const uint32_t key = shared.key;
-  const uint64_t offset = static_cast<uint64_t>(row[kElementOffset]);
-  const SwitchMasks<float> on(a.decay_mode, a.maximize, a.grad_scale != nullptr);
+  const ChunkWork c = chunk_work(a);
+  const int64_t* row = c.row;
+  const int64_t start = c.start, end = c.end;
+  const StepScalars<float> s = c.s;
+  const uint32_t key = c.key;
+  const uint64_t offset = c.offset;
+  const SwitchMasks<float> on = c.on;
   const bool sr = a.stochastic_rounding;
 
   P* p = reinterpret_cast<P*>(row[kParamAddr]);
@@ -122,7 +145,6 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   M* m = reinterpret_cast<M*>(row[kExpAvgAddr]);
   M* w = reinterpret_cast<M*>(row[kExpAvgSqAddr]);
   float* master = reinterpret_cast<float*>(row[kMasterAddr]);
-  const int64_t end = start + kChunk < numel ? start + kChunk : numel;
   if (a.aligned && end - start == kChunk) {
     const int64_t i = start + static_cast<int64_t>(threadIdx.x) * kPerThread;
     Pack<P> pv;
@@ -180,18 +202,13 @@ template <typename Cfg>
 __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a) {
   using P = typename Cfg::P;
   if (*a.take == 0.0f) return;
-  const int64_t chunk = blockIdx.x;
-  const int64_t* row = a.rows + static_cast<int64_t>(a.chunk_tensor[chunk]) * kColumns;
-  const int64_t numel = row[kNumel];
-  const int64_t start = (chunk - row[kFirstChunk]) * kChunk;
-
-  __shared__ TensorScalars shared;
-  if (threadIdx.x == 0) shared = tensor_scalars(a, row);
-  __syncthreads();
-  const StepScalars<float> s = shared.s;
-  const uint32_t key = shared.key;
-  const uint64_t offset = static_cast<uint64_t>(row[kElementOffset]);
-  const SwitchMasks<float> on(a.decay_mode, a.maximize, a.grad_scale != nullptr);
+  const ChunkWork c = chunk_work(a);
+  const int64_t* row = c.row;
+  const int64_t start = c.start, end = c.end;
+  const StepScalars<float> s = c.s;
+  const uint32_t key = c.key;
+  const uint64_t offset = c.offset;
+  const SwitchMasks<float> on = c.on;
   const bool sr = a.stochastic_rounding;
 
   P* p = reinterpret_cast<P*>(row[kParamAddr]);
@@ -202,7 +219,6 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a
   float* m_scales = reinterpret_cast<float*>(row[kExpAvgScaleAddr]);
   float* w_scales = reinterpret_cast<float*>(row[kExpAvgSqScaleAddr]);
   float* master = reinterpret_cast<float*>(row[kMasterAddr]);
-  const int64_t end = start + kChunk < numel ? start + kChunk : numel;
   const int64_t block_start = start + static_cast<int64_t>(threadIdx.x / 32) * kQuantBlock;
   const bool block_live = block_start < end;  // the same on every lane of the warp
   const int64_t block = block_start / kQuantBlock;

@@ -382,10 +382,27 @@ ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg:
   }
 }
 
+// One block of len float values as 8-bit codes and the block's scale (adaml_quant8.h): the
+// integer maximum of their magnitude bits gives the scale, then each value is encoded.
+template <int kMap>
+ADAML_INLINE void encode_block(const float* __restrict values, int64_t len,
+                               uint8_t* __restrict codes, float* scale) {
+  uint32_t absmax = 0;
+#pragma omp simd reduction(max : absmax)
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t b = magnitude_bits(float_to_bits(values[i]));
+    absmax = b > absmax ? b : absmax;
+  }
+  const int exponent = scale_exponent<kMap>(absmax);
+  *scale = scale_of(exponent);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) codes[i] = encode8<kMap>(float_to_bits(values[i]), exponent);
+}
+
 // The same for 8-bit moments, a block of kQuantBlock elements at a time (n counts from a block
 // boundary), in four short loops that each vectorize on their own: decode the block's moments
-// into float arrays, update them (the float update of every other moment dtype), take the
-// integer maximum of their magnitude bits for the new scales, and encode them.
+// into float arrays, update them (the float update of every other moment dtype), and encode
+// each moment's block with its new scale (encode_block).
 template <typename Cfg, int kScale>
 ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
                                    const typename Cfg::G* __restrict g, uint8_t* __restrict m,
@@ -422,23 +439,8 @@ ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
       if (Cfg::kMaster) xb[i] = pc;
       pb[i] = Param<Cfg::PT>::store(pc, bits, Cfg::kSR);
     }
-    uint32_t m_max = 0, w_max = 0;
-#pragma omp simd reduction(max : m_max, w_max)
-    for (int64_t i = 0; i < len; ++i) {
-      const uint32_t mb_i = magnitude_bits(float_to_bits(mf[i]));
-      const uint32_t wb_i = magnitude_bits(float_to_bits(wf[i]));
-      m_max = mb_i > m_max ? mb_i : m_max;
-      w_max = wb_i > w_max ? wb_i : w_max;
-    }
-    const int m_new = scale_exponent<kExpAvgMap>(m_max);
-    const int w_new = scale_exponent<kExpAvgSqMap>(w_max);
-    m_scales[block] = scale_of(m_new);
-    w_scales[block] = scale_of(w_new);
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      mb[i] = encode8<kExpAvgMap>(float_to_bits(mf[i]), m_new);
-      wb[i] = encode8<kExpAvgSqMap>(float_to_bits(wf[i]), w_new);
-    }
+    encode_block<kExpAvgMap>(mf, len, mb, m_scales + block);
+    encode_block<kExpAvgSqMap>(wf, len, wb, w_scales + block);
   }
 }
 
@@ -594,19 +596,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& values, int64
   const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
   at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
   at::Tensor scales = at::empty({blocks}, values.options());
-  const uint32_t* x = reinterpret_cast<const uint32_t*>(values.const_data_ptr<float>());
+  const float* x = values.const_data_ptr<float>();
   uint8_t* c = codes.data_ptr<uint8_t>();
   float* sc = scales.data_ptr<float>();
   for_each_map(map, [&](auto mapc) {
     constexpr int M = decltype(mapc)::value;
     at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = b * kQuantBlock, end = std::min(n, start + kQuantBlock);
-        uint32_t absmax = 0;
-        for (int64_t i = start; i < end; ++i) absmax = std::max(absmax, magnitude_bits(x[i]));
-        const int e = scale_exponent<M>(absmax);
-        sc[b] = scale_of(e);
-        for (int64_t i = start; i < end; ++i) c[i] = encode8<M>(x[i], e);
+        const int64_t start = b * kQuantBlock;
+        encode_block<M>(x + start, std::min(kQuantBlock, n - start), c + start, sc + b);
       }
     });
   });

@@ -14,6 +14,7 @@ import adaml_kernels
 from adaml_kernels import AdamL, quant8
 from oracle import Oracle, ParamState, quantize_8bit
 from parity import STEPS, LOUD, Inputs, as_torch, normwise_error
+from quant8_inputs import awkward
 from tolerances import (
     QUANT8_MISMATCH, QUANT8_MISMATCH_FLOOR, QUANT8_MOMENT_BOUND, QUANT8_PARAM_BOUND,
     allowed_error,
@@ -23,20 +24,6 @@ U8 = torch.uint8
 MAPS = [(quant8.EXP_AVG_MAP, True), (quant8.EXP_AVG_SQ_MAP, False)]
 needs_cpu_kernel = pytest.mark.skipif(
     "cpu" not in adaml_kernels.available_backends("cpu"), reason="needs the C++ CPU kernel")
-
-
-def awkward(n: int, seed: int, signed: bool) -> torch.Tensor:
-    """Values over many orders of magnitude, with zeros, -0, float32 subnormals, a block of
-    zeros, a block of tiny values, huge values, a NaN and a short last block."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 8)
-    x[3], x[4] = 0.0, -0.0
-    x[5:9] = torch.tensor([1e-45, -3e-42, 1e-39, 2e-38])
-    x[256:512] = 0.0
-    x[512:768] = torch.randn(256, generator=g) * 1e-40
-    x[800] = 3e38
-    x[1000] = float("nan")
-    return x if signed else x.abs()
 
 
 @pytest.mark.parametrize("which,signed", MAPS)

@@ -11,6 +11,7 @@ import torch
 import adaml_kernels
 from adaml_kernels import AdamL, quant8
 from parity import LOUD, Inputs, as_torch
+from quant8_inputs import awkward
 from tolerances import QUANT8_MISMATCH_FLOOR, QUANT8_PARAM_BOUND
 
 needs_triton = pytest.mark.skipif(
@@ -22,36 +23,6 @@ if "triton" in adaml_kernels.available_backends():
 U8 = torch.uint8
 BLOCK = quant8.QUANT_BLOCK
 MAPS = [(quant8.EXP_AVG_MAP, True), (quant8.EXP_AVG_SQ_MAP, False)]
-
-
-def awkward(n: int, seed: int, signed: bool) -> torch.Tensor:
-    """Values over many orders of magnitude, with zeros, -0, float32 subnormals, a block of
-    zeros, a block of tiny values, huge values, NaN, inf, exact rounding ties and (for n not a
-    multiple of 256) a short last block."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 8)
-    x[3], x[4] = 0.0, -0.0
-    x[5:9] = torch.tensor([1e-45, -3e-42, 1e-39, 2e-38])
-    x[256:512] = 0.0
-    x[512:768] = torch.randn(256, generator=g) * 1e-40
-    x[800] = 3e38
-    x[801] = -3.4e38
-    x[1000] = float("nan")
-    x[1001] = float("inf")
-    x[1002] = -float("inf")
-    # A block of scale 2 holding ties: halfway between normal codes, and between the codes
-    # below 2^-14 (exp_avg) and 2^-30 (exp_avg_sq).
-    j = torch.arange(64, dtype=torch.float32)
-    x[1024] = 2.0
-    x[1025:1089] = (1 + (2 * (j % 8) + 1) / 16) * 2.0 ** -(j // 8)
-    x[1089:1153] = (2 * (j % 8) + 1) * 2.0**-17
-    x[1153:1217] = (2 * (j % 8) + 1) * 2.0**-33
-    x[1217:1281:2] *= -1
-    # Values around every power of two from 2^-126 to 2^127, a few per block.
-    k = torch.arange(n - 1300, dtype=torch.float32)
-    x[1300:] = torch.ldexp(1 + (k % 3) / 4, (k % 254 - 126).to(torch.int32))
-    x[1300::7] = x[1300::7] * torch.randn(x[1300::7].shape, generator=g)
-    return x if signed else x.abs()
 
 
 def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -67,7 +38,7 @@ def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.parametrize("n", [4000, 1, 100, 2 * 2048 + 300, 5120])
 def test_the_triton_quantizer_gives_the_reference_codes_and_scales(which, signed, n):
     for seed in range(2):
-        x = awkward(max(n, 4000), seed, signed)
+        x = awkward(max(n, 4000), seed, signed, extremes=True)
         x = x[:n].contiguous() if n < 4000 else x
         codes, scales = quantize_8bit_triton(x, which)
         want_codes, want_scales = quant8.encode(x, which)
@@ -89,7 +60,7 @@ def test_the_triton_quantizer_decodes_every_code_at_every_scale_as_the_reference
 @needs_triton
 def test_the_triton_quantizer_round_trips_decoded_values():
     for which, signed in MAPS:
-        codes, scales = quant8.encode(awkward(5000, 3, signed), which)
+        codes, scales = quant8.encode(awkward(5000, 3, signed, extremes=True), which)
         again = quantize_8bit_triton(dequantize_8bit_triton(codes, scales, which), which)
         assert_bitwise(again[0], codes)
         assert_bitwise(again[1], scales)
