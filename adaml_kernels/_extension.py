@@ -45,7 +45,7 @@ if load_error is None:
         return torch.empty(size, dtype=torch.int64, device="cpu")
 
     @torch.library.register_fake("adaml_kernels::quantize_8bit")
-    def _quantize_8bit_fake(values, map):
+    def _quantize_8bit_fake(values, map, random=None):
         blocks = -(-values.numel() // QUANT_BLOCK)
         return values.new_empty(values.shape, dtype=torch.uint8), values.new_empty(blocks)
 

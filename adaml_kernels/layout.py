@@ -47,6 +47,8 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 # 8-bit moments (quant8.py): elements per block scale, and the smallest tensor they apply to.
 QUANT_BLOCK = 256
 MIN_8BIT_NUMEL = 4096
+QUANT_MANTISSA_BITS = 3  # 8-bit codes' mantissa bits
+QUANT_RANDOM_BITS = 23 - QUANT_MANTISSA_BITS  # stochastic rounding's random bits per code
 
 # The hash of stochastic rounding (precision.py has the definition).
 MIX_1 = 0x21F0AAAD
@@ -93,7 +95,8 @@ def constants() -> dict[str, int]:
     out = {"chunk": CHUNK, "columns": TABLE_COLUMNS, "vector_bytes": VECTOR_BYTES,
            "hyper_fields": len(Hyper._fields), "config_fields": len(Config._fields),
            "mix_1": MIX_1, "mix_2": MIX_2, "seed_salt": SEED_SALT, "sq_stream": SQ_STREAM,
-           "quant_block": QUANT_BLOCK, "min_8bit_numel": MIN_8BIT_NUMEL}
+           "quant_block": QUANT_BLOCK, "min_8bit_numel": MIN_8BIT_NUMEL,
+           "quant_mantissa_bits": QUANT_MANTISSA_BITS, "quant_random_bits": QUANT_RANDOM_BITS}
     out.update({f"column_{c.name.lower()}": int(c) for c in Column})
     out.update({f"dtype_{str(d).removeprefix('torch.')}": code for d, code in DTYPE_CODES.items()})
     out.update({f"hyper_{name}": i for i, name in enumerate(Hyper._fields)})

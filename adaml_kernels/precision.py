@@ -1,8 +1,8 @@
 """Low precision (SPEC.md, Precision; docs/low_precision.md): the options, and stochastic
 rounding written in torch ops for the reference backend.
 
-    stochastic_rounding  values stored as bf16 (parameters, bf16 moments) are rounded
-                         stochastically: E[stored] = the float32 value
+    stochastic_rounding  values stored as bf16 (parameters, bf16 moments) or as 8-bit codes
+                         are rounded stochastically: E[stored] = the float32 value
     master_weights       fp16/bf16 parameters get a float32 copy in the state ("master_param")
     state_dtype          the moments' dtype: None (float32), torch.bfloat16, or torch.uint8
                          for 8-bit block-quantized moments (quant8.py)
@@ -54,7 +54,10 @@ class Precision:
         return self.master_weights and param_dtype in HALF
 
     def rounds_stochastically(self, param_dtype: torch.dtype, moment: torch.dtype) -> bool:
-        return self.stochastic_rounding and torch.bfloat16 in (param_dtype, moment)
+        """Whether a tensor's bucket draws random bits: something is stored as bf16 or as
+        8-bit codes."""
+        return self.stochastic_rounding and (
+            torch.bfloat16 in (param_dtype, moment) or moment == torch.uint8)
 
 
 
@@ -107,6 +110,14 @@ def element_bits(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def exp_avg_sq_bits(bits: torch.Tensor) -> torch.Tensor:
     return mix32(bits ^ SQ_STREAM)
+
+
+def code_bits(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random bits of an element's two 8-bit codes (exp_avg's, exp_avg_sq's): the high
+    quant8.RANDOM_BITS of exp_avg_sq_bits(bits) and of the hash of that again, so neither shares
+    a bit with the parameter's (the low 16 of bits)."""
+    sq = exp_avg_sq_bits(bits)
+    return sq >> 12, exp_avg_sq_bits(sq) >> 12
 
 
 def element_index(p: torch.Tensor, offset: int = 0) -> torch.Tensor:

@@ -8,7 +8,8 @@ order; the last block may be shorter). A block has one float32 scale, a power of
 
 with absmax the largest |x| of the block (NaN counts as 0), so every |x| / scale is at most 1,
 and encoding a block's decoded values again gives the same values.
-Each element is a small float relative to its block's scale, rounded to nearest even:
+Each element is a small float relative to its block's scale, rounded to nearest even, or,
+under stochastic_rounding, stochastically (E[decoded] = the value, below the saturation):
 
     exp_avg     sign, 4 exponent bits, 3 mantissa bits: |x| / scale = 2^(e - 15) (1 + f/8),
                 below 2^-14 in steps of 2^-17; code 0x7F (and 0xFF) is NaN
@@ -32,13 +33,15 @@ from __future__ import annotations
 
 import torch
 
-from .layout import MIN_8BIT_NUMEL, QUANT_BLOCK  # noqa: F401  (smaller tensors: float32 moments)
+from .layout import MIN_8BIT_NUMEL  # noqa: F401  (smaller tensors: float32 moments)
+from .layout import QUANT_BLOCK, QUANT_MANTISSA_BITS, QUANT_RANDOM_BITS
 
 # The two code maps: (sign bit, exponent bits, exponent bias, smallest scale exponent).
 EXP_AVG_MAP = 0
 EXP_AVG_SQ_MAP = 1
 _FORMATS = {EXP_AVG_MAP: (True, 4, 15, -109), EXP_AVG_SQ_MAP: (False, 5, 31, -93)}
-MANTISSA_BITS = 3
+MANTISSA_BITS = QUANT_MANTISSA_BITS
+RANDOM_BITS = QUANT_RANDOM_BITS  # stochastic rounding's random bits per code
 SCALE_EXPONENT_MAX = 127
 
 
@@ -74,9 +77,12 @@ def scale_exponents(x: torch.Tensor, which: int) -> torch.Tensor:
     return ceil_log2.clamp(s_min, SCALE_EXPONENT_MAX)
 
 
-def encode(x: torch.Tensor, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, which: int,
+           random: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes (uint8, x's shape, in x's memory order) and scales (float32, one per block) of
-    the float32 tensor x, which is contiguous or dense."""
+    the float32 tensor x, which is contiguous or dense. With `random` (integers in
+    [0, 2^RANDOM_BITS), laid out like x) the codes round stochastically: the RANDOM_BITS bits
+    below the kept ones, truncated, plus `random`, carry into the code."""
     signed, exp_bits, bias, _ = _FORMATS[which]
     s = scale_exponents(x, which)
     b = _bits(_pad_blocks(x))
@@ -86,11 +92,17 @@ def encode(x: torch.Tensor, which: int) -> tuple[torch.Tensor, torch.Tensor]:
     exponent = torch.where(field > 0, field, 1) - 127
     # The value's exponent relative to the scale, at least the smallest normal code's.
     target = torch.maximum(exponent - s[:, None], torch.full_like(exponent, 1 - bias))
-    shift = (23 + s[:, None] + target - MANTISSA_BITS - exponent).clamp(max=25)
-    q = significand >> shift
-    rest = significand - (q << shift)
-    half = 1 << (shift - 1)
-    q = q + ((rest > half) | ((rest == half) & (q & 1 == 1))).to(torch.int64)
+    # The significand bits below the code's: RANDOM_BITS for a normal code, more below.
+    shift = 23 + s[:, None] + target - MANTISSA_BITS - exponent
+    if random is None:
+        shift = shift.clamp(max=25)
+        q = significand >> shift
+        rest = significand - (q << shift)
+        half = 1 << (shift - 1)
+        q = q + ((rest > half) | ((rest == half) & (q & 1 == 1))).to(torch.int64)
+    else:
+        kept = significand >> (shift - RANDOM_BITS).clamp(max=31)
+        q = (kept + _pad_blocks(random.to(torch.int64))) >> RANDOM_BITS
     code = ((target + bias - 1) << MANTISSA_BITS) + q
     top = (1 << (exp_bits + MANTISSA_BITS)) - 2  # the largest finite code (1.75)
     code = code.clamp(max=top)
@@ -128,10 +140,11 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
 
 
-def laid_out_like(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`values` as float32 with t's shape, strides and device, so that encoding them cuts the
+def laid_out_like(values: torch.Tensor, t: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`values` as `dtype` with t's shape, strides and device, so that encoding them cuts the
     blocks of t's memory order."""
-    out = torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device)
+    out = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
     return out.copy_(values)
 
 

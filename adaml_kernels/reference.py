@@ -33,7 +33,8 @@ def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
     scales = bucket.moment_scales or [None] * (2 * n)
     for i, p in enumerate(bucket.params):
         bits = None
-        if bucket.stochastic_rounding and torch.bfloat16 in (p.dtype, bucket.exp_avgs[i].dtype):
+        if bucket.stochastic_rounding and (torch.bfloat16 in (p.dtype, bucket.exp_avgs[i].dtype)
+                                           or bucket.exp_avgs[i].dtype == torch.uint8):
             key = precision.tensor_key(bucket.seed, bucket.steps[i], bucket.param_indices[i])
             index = precision.element_index(p, bucket.element_offsets[i])
             bits = precision.element_bits(key, index)
@@ -97,9 +98,13 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
     if master is not None:
         master.copy_(torch.where(taken, param, master))
     if m_scale is not None:  # 8-bit moments: encoded, each block's scale from its new values
-        for codes, scale, new, which in ((m, m_scale, m_new, quant8.EXP_AVG_MAP),
-                                         (w, w_scale, w_new, quant8.EXP_AVG_SQ_MAP)):
-            new_codes, new_scale = quant8.encode(quant8.laid_out_like(new, codes), which)
+        randoms = (None, None) if bits is None else precision.code_bits(bits)
+        for codes, scale, new, which, random in (
+                (m, m_scale, m_new, quant8.EXP_AVG_MAP, randoms[0]),
+                (w, w_scale, w_new, quant8.EXP_AVG_SQ_MAP, randoms[1])):
+            if random is not None:
+                random = quant8.laid_out_like(random, codes, torch.int64)
+            new_codes, new_scale = quant8.encode(quant8.laid_out_like(new, codes), which, random)
             codes.copy_(torch.where(taken, new_codes, codes))
             scale.copy_(torch.where(taken, new_scale, scale))
         return

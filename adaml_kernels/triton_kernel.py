@@ -192,7 +192,8 @@ def _update_chunk_8bit(
     """_update_chunk for 8-bit moments: offs is the chunk as (blocks, QUANT_BLOCK), the scale
     pointers point at its first block's scales. The moments are decoded with the old scales,
     updated in float32 (p from the unquantized new moments) and encoded, each block's scale
-    from its new values; codes round to nearest (only a bf16 param rounds stochastically)."""
+    from its new values; under SR the codes round stochastically (adaml_quant8.h
+    exp_avg_code_bits, exp_avg_sq_code_bits) and a bf16 param as in _update_chunk."""
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if MASTER:
         p = tl.load(x_ptr + offs, mask=mask)
@@ -208,8 +209,14 @@ def _update_chunk_8bit(
     if MASTER:
         tl.store(x_ptr + offs, p, mask=mask)
     tl.store(p_ptr + offs, _store_as(p, bits, PARAM, SR), mask=mask)
-    store_blocks(m, m_ptr, m_scale_ptr, offs, mask, block_mask, EXP_AVG_MAP)
-    store_blocks(w, w_ptr, w_scale_ptr, offs, mask, block_mask, EXP_AVG_SQ_MAP)
+    m_random = None
+    w_random = None
+    if SR:
+        sq = _mix32(bits ^ SQ_STREAM)
+        m_random = (sq >> 12).to(tl.int32)
+        w_random = (_mix32(sq ^ SQ_STREAM) >> 12).to(tl.int32)
+    store_blocks(m, m_ptr, m_scale_ptr, offs, mask, block_mask, m_random, EXP_AVG_MAP)
+    store_blocks(w, w_ptr, w_scale_ptr, offs, mask, block_mask, w_random, EXP_AVG_SQ_MAP)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -408,7 +415,8 @@ def triton_step_(
     else:
         decay_mode = (DECOUPLED_DECAY if h.decoupled_weight_decay else L2_DECAY).value
     moment = exp_avgs[0].dtype
-    sr = bool(cfg.stochastic_rounding) and torch.bfloat16 in (params[0].dtype, moment)
+    sr = bool(cfg.stochastic_rounding) and (torch.bfloat16 in (params[0].dtype, moment)
+                                            or moment == torch.uint8)
     seed_bits = cfg.seed & ((1 << 64) - 1)
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():

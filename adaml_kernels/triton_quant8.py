@@ -20,6 +20,7 @@ QUANT_BLOCK = tl.constexpr(_QUANT_BLOCK)
 EXP_AVG_MAP = tl.constexpr(quant8.EXP_AVG_MAP)
 EXP_AVG_SQ_MAP = tl.constexpr(quant8.EXP_AVG_SQ_MAP)
 MANTISSA_BITS = tl.constexpr(quant8.MANTISSA_BITS)
+RANDOM_BITS = tl.constexpr(quant8.RANDOM_BITS)
 CODE_MANTISSA = tl.constexpr((1 << quant8.MANTISSA_BITS) - 1)
 SCALE_EXPONENT_MAX = tl.constexpr(quant8.SCALE_EXPONENT_MAX)
 # Each map's exponent bias, smallest scale exponent and largest finite code (quant8._FORMATS).
@@ -75,9 +76,11 @@ def exponent_of_scale(scale):
 
 
 @triton.jit
-def encode8(x, s, MAP: tl.constexpr):
+def encode8(x, s, random, MAP: tl.constexpr):
     """The uint8 codes of the float32 values x in blocks of scale 2^s (s broadcast against x),
-    rounded to nearest even: adaml_quant8.h encode8, step by step."""
+    rounded to nearest even (random None: adaml_quant8.h encode8, step by step) or
+    stochastically with `random`, RANDOM_BITS random bits per element as int32 (quant8.encode:
+    the bits below the code's last, truncated, plus random, carry into the code)."""
     BIAS: tl.constexpr = EXP_AVG_BIAS if MAP == EXP_AVG_MAP else EXP_AVG_SQ_BIAS
     TOP: tl.constexpr = EXP_AVG_TOP if MAP == EXP_AVG_MAP else EXP_AVG_SQ_TOP
     NAN: tl.constexpr = EXP_AVG_NAN if MAP == EXP_AVG_MAP else EXP_AVG_SQ_NAN
@@ -89,11 +92,16 @@ def encode8(x, s, MAP: tl.constexpr):
     exponent = tl.maximum(field, 1) - 127
     # The value's exponent relative to the scale, at least the smallest normal code's.
     target = tl.maximum(exponent - s, 1 - BIAS)
-    shift = tl.minimum(23 + s + target - MANTISSA_BITS - exponent, 25)  # in [20, 25]
-    q = significand >> shift
-    rest = significand - (q << shift)
-    half = 1 << (shift - 1)
-    q += ((rest > half) | ((rest == half) & ((q & 1) == 1))).to(tl.int32)
+    shift = 23 + s + target - MANTISSA_BITS - exponent  # at least RANDOM_BITS
+    if random is None:
+        shift = tl.minimum(shift, 25)
+        q = significand >> shift
+        rest = significand - (q << shift)
+        half = 1 << (shift - 1)
+        q += ((rest > half) | ((rest == half) & ((q & 1) == 1))).to(tl.int32)
+    else:
+        kept = significand >> tl.minimum(shift - RANDOM_BITS, 31)
+        q = (kept + random) >> RANDOM_BITS
     code = tl.minimum(((target + BIAS - 1) << MANTISSA_BITS) + q, TOP)  # saturates
     if MAP == EXP_AVG_MAP:
         code = tl.where((code != 0) & (b < 0), code | SIGN_BIT, code)
@@ -133,12 +141,13 @@ def load_blocks(codes_ptr, scales_ptr, offs, mask, block_mask, MAP: tl.constexpr
 
 
 @triton.jit
-def store_blocks(x, codes_ptr, scales_ptr, offs, mask, block_mask, MAP: tl.constexpr):
-    """Encode the float32 tile x at codes_ptr + offs, each row's scale (from its values where
-    `mask`) at scales_ptr; rows off `block_mask` (no valid element) store no scale."""
+def store_blocks(x, codes_ptr, scales_ptr, offs, mask, block_mask, random, MAP: tl.constexpr):
+    """Encode the float32 tile x at codes_ptr + offs (rounded as encode8 with `random`), each
+    row's scale (from its values where `mask`) at scales_ptr; rows off `block_mask` (no valid
+    element) store no scale."""
     s = block_scale_exponents(x, mask, MAP)
     tl.store(scales_ptr + tl.arange(0, x.shape[0]), scale_of(s), mask=block_mask)
-    tl.store(codes_ptr + offs, encode8(x, s[:, None], MAP), mask=mask)
+    tl.store(codes_ptr + offs, encode8(x, s[:, None], random, MAP), mask=mask)
 
 
 @triton.jit
@@ -152,10 +161,14 @@ def _tile(n, BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, n, MAP: tl.constexpr, BLOCKS: tl.constexpr):
+def _quantize_kernel(x_ptr, random_ptr, codes_ptr, scales_ptr, n, MAP: tl.constexpr,
+                     STOCHASTIC: tl.constexpr, BLOCKS: tl.constexpr):
     offs, mask, first, block_mask = _tile(n, BLOCKS)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    store_blocks(x, codes_ptr, scales_ptr + first, offs, mask, block_mask, MAP)
+    random = None
+    if STOCHASTIC:
+        random = tl.load(random_ptr + offs, mask=mask, other=0)
+    store_blocks(x, codes_ptr, scales_ptr + first, offs, mask, block_mask, random, MAP)
 
 
 @triton.jit
@@ -170,17 +183,23 @@ def _grid(n: int) -> tuple[int]:
     return (max(1, triton.cdiv(quant8.num_blocks(n), BLOCKS_PER_PROGRAM)),)
 
 
-def quantize_8bit_triton(values: torch.Tensor, map: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_8bit_triton(values: torch.Tensor, map: int, random: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes (uint8, values' shape) and block scales (float32) of the contiguous float32
-    tensor `values` under code map `map` (quant8.EXP_AVG_MAP or EXP_AVG_SQ_MAP), computed by
-    the step kernel's Triton helpers: for testing them against quant8.encode."""
+    tensor `values` under code map `map` (quant8.EXP_AVG_MAP or EXP_AVG_SQ_MAP), rounded
+    stochastically with `random` (int32 below 2^RANDOM_BITS, values' shape) if given, computed
+    by the step kernel's Triton helpers: for testing them against quant8.encode."""
     if values.dtype != torch.float32 or not values.is_contiguous():
         raise ValueError("quantize_8bit_triton: values must be contiguous float32")
+    if random is not None and (random.dtype != torch.int32 or random.shape != values.shape
+                               or not random.is_contiguous()):
+        raise ValueError("quantize_8bit_triton: random must be contiguous int32, values' shape")
     n = values.numel()
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
     scales = torch.empty(quant8.num_blocks(n), dtype=torch.float32, device=values.device)
     if n:
-        _quantize_kernel[_grid(n)](values, codes, scales, n, MAP=map,
+        _quantize_kernel[_grid(n)](values, values if random is None else random, codes,
+                                   scales, n, MAP=map, STOCHASTIC=random is not None,
                                    BLOCKS=BLOCKS_PER_PROGRAM)
     return codes, scales
 

@@ -42,7 +42,7 @@ struct LaunchArgs {
   int decay_mode;
   bool maximize;
   bool grad_float;           // gradients are float32 (else the params' dtype)
-  bool stochastic_rounding;  // round what is stored as bf16 stochastically
+  bool stochastic_rounding;  // round what is stored as bf16 or 8-bit codes stochastically
   bool aligned;
   uint64_t seed;  // stochastic rounding only
   Hyper hyper;
@@ -226,6 +226,7 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a
   const int w_exp = block_live ? exponent_of_scale(w_scales[block]) : 0;
   const int64_t first = start + static_cast<int64_t>(threadIdx.x) * kPerThread;
   float m_new[kPerThread], w_new[kPerThread];
+  uint32_t m_random[kPerThread], w_random[kPerThread];
   uint32_t m_max = 0, w_max = 0;
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
@@ -241,6 +242,8 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a
     p[i] = Param<Cfg::PT>::store(pc, bits, sr);
     m_new[j] = mc;
     w_new[j] = wc;
+    m_random[j] = sr ? exp_avg_code_bits(bits) : 0u;
+    w_random[j] = sr ? exp_avg_sq_code_bits(bits) : 0u;
     m_max = max(m_max, magnitude_bits(float_to_bits(mc)));
     w_max = max(w_max, magnitude_bits(float_to_bits(wc)));
   }
@@ -257,8 +260,11 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a
   for (int j = 0; j < kPerThread; ++j) {
     const int64_t i = first + j;
     if (i >= end) break;
-    m[i] = encode8<kExpAvgMap>(float_to_bits(m_new[j]), m_new_exp);
-    w[i] = encode8<kExpAvgSqMap>(float_to_bits(w_new[j]), w_new_exp);
+    const uint32_t mb = float_to_bits(m_new[j]), wb = float_to_bits(w_new[j]);
+    m[i] = sr ? encode8_stochastic<kExpAvgMap>(mb, m_new_exp, m_random[j])
+              : encode8<kExpAvgMap>(mb, m_new_exp);
+    w[i] = sr ? encode8_stochastic<kExpAvgSqMap>(wb, w_new_exp, w_random[j])
+              : encode8<kExpAvgSqMap>(wb, w_new_exp);
   }
 }
 
@@ -310,10 +316,11 @@ void run_cuda_step(const StepLaunch& s) {
   a.decay_mode = s.decay_mode;
   a.maximize = s.maximize;
   a.grad_float = s.grad_type == kFloat32;
-  // Only what is stored as bf16 is rounded stochastically (the CPU kernel compiles it out).
-  a.stochastic_rounding =
-      s.stochastic_rounding && (s.param_type == kBFloat16 || s.moment_type == kBFloat16);
-  // (8-bit moments are always rounded to nearest: there sr concerns bf16 params only.)
+  // Only what is stored as bf16 or as 8-bit codes is rounded stochastically (the CPU kernel
+  // compiles it out).
+  a.stochastic_rounding = s.stochastic_rounding && (s.param_type == kBFloat16 ||
+                                                    s.moment_type == kBFloat16 ||
+                                                    s.moment_type == kUInt8);
   a.seed = s.seed;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(blocks);

@@ -383,10 +383,12 @@ ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg:
 }
 
 // One block of len float values as 8-bit codes and the block's scale (adaml_quant8.h): the
-// integer maximum of their magnitude bits gives the scale, then each value is encoded.
-template <int kMap>
+// integer maximum of their magnitude bits gives the scale, then each value is encoded, rounded
+// stochastically with `random` (kRandomBits each) under kSR.
+template <int kMap, bool kSR = false>
 ADAML_INLINE void encode_block(const float* __restrict values, int64_t len,
-                               uint8_t* __restrict codes, float* scale) {
+                               uint8_t* __restrict codes, float* scale,
+                               const uint32_t* __restrict random = nullptr) {
   uint32_t absmax = 0;
 #pragma omp simd reduction(max : absmax)
   for (int64_t i = 0; i < len; ++i) {
@@ -396,7 +398,10 @@ ADAML_INLINE void encode_block(const float* __restrict values, int64_t len,
   const int exponent = scale_exponent<kMap>(absmax);
   *scale = scale_of(exponent);
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) codes[i] = encode8<kMap>(float_to_bits(values[i]), exponent);
+  for (int64_t i = 0; i < len; ++i) {
+    codes[i] = kSR ? encode8_stochastic<kMap>(float_to_bits(values[i]), exponent, random[i])
+                   : encode8<kMap>(float_to_bits(values[i]), exponent);
+  }
 }
 
 // The same for 8-bit moments, a block of kQuantBlock elements at a time (n counts from a block
@@ -415,6 +420,8 @@ ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
   const SwitchMasks<float> on(decay, maximize, has_grad_scale);
   alignas(64) float mf[kQuantBlock];
   alignas(64) float wf[kQuantBlock];
+  alignas(64) uint32_t m_random[Cfg::kSR ? kQuantBlock : 1];
+  alignas(64) uint32_t w_random[Cfg::kSR ? kQuantBlock : 1];
   for (int64_t start = 0; start < n; start += kQuantBlock) {
     const int64_t len = std::min<int64_t>(kQuantBlock, n - start);
     const int64_t block = start / kQuantBlock;
@@ -438,9 +445,13 @@ ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
           Cfg::kSR ? element_bits(key, index + static_cast<uint64_t>(start + i)) : 0u;
       if (Cfg::kMaster) xb[i] = pc;
       pb[i] = Param<Cfg::PT>::store(pc, bits, Cfg::kSR);
+      if constexpr (Cfg::kSR) {
+        m_random[i] = exp_avg_code_bits(bits);
+        w_random[i] = exp_avg_sq_code_bits(bits);
+      }
     }
-    encode_block<kExpAvgMap>(mf, len, mb, m_scales + block);
-    encode_block<kExpAvgSqMap>(wf, len, wb, w_scales + block);
+    encode_block<kExpAvgMap, Cfg::kSR>(mf, len, mb, m_scales + block, m_random);
+    encode_block<kExpAvgSqMap, Cfg::kSR>(wf, len, wb, w_scales + block, w_random);
   }
 }
 
@@ -588,10 +599,23 @@ template <typename F> void for_each_map(int64_t map, F&& f) {
                     : f(std::integral_constant<int, kExpAvgSqMap>{});
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& values, int64_t map) {
+std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& values, int64_t map,
+                                                 const std::optional<at::Tensor>& random) {
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu() &&
                   values.is_contiguous(),
               kOp, "quantize_8bit takes a contiguous float32 CPU tensor");
+  TORCH_CHECK(!random || (random->scalar_type() == at::kInt && random->device().is_cpu() &&
+                          random->is_contiguous() && random->sizes() == values.sizes()),
+              kOp, "quantize_8bit: random must be a contiguous int32 CPU tensor of the "
+              "values' shape");
+  const uint32_t* r =
+      random ? reinterpret_cast<const uint32_t*>(random->const_data_ptr<int32_t>()) : nullptr;
+  if (r) {
+    for (int64_t i = 0; i < random->numel(); ++i) {
+      TORCH_CHECK(r[i] < (1u << kRandomBits), kOp, "quantize_8bit: random[", i, "] = ", r[i],
+                  " is not below 2^", kRandomBits);
+    }
+  }
   const int64_t n = values.numel();
   const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
   at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
@@ -604,7 +628,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& values, int64
     at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * kQuantBlock;
-        encode_block<M>(x + start, std::min(kQuantBlock, n - start), c + start, sc + b);
+        const int64_t len = std::min(kQuantBlock, n - start);
+        if (r) {
+          encode_block<M, true>(x + start, len, c + start, sc + b, r + start);
+        } else {
+          encode_block<M>(x + start, len, c + start, sc + b);
+        }
       }
     });
   });
@@ -647,6 +676,8 @@ c10::Dict<std::string, int64_t> layout_constants() {
   out.insert("sq_stream", kSqStream);
   out.insert("quant_block", kQuantBlock);
   out.insert("min_8bit_numel", kMin8BitNumel);
+  out.insert("quant_mantissa_bits", kMantissaBits);
+  out.insert("quant_random_bits", kRandomBits);
   const std::pair<const char*, int64_t> columns[] = {
       {"param", kParamAddr}, {"grad", kGradAddr}, {"exp_avg", kExpAvgAddr},
       {"exp_avg_sq", kExpAvgSqAddr}, {"step", kStepAddr}, {"master", kMasterAddr},
@@ -767,7 +798,7 @@ TORCH_LIBRARY(adaml_kernels, m) {
   m.def("layout_constants() -> Dict(str, int)", &adaml::layout_constants);
   // The 8-bit moments' quantizer on its own (map 0: exp_avg, 1: exp_avg_sq): codes and block
   // scales of float32 values, and back.
-  m.def("quantize_8bit(Tensor values, int map) -> (Tensor, Tensor)");
+  m.def("quantize_8bit(Tensor values, int map, Tensor? random=None) -> (Tensor, Tensor)");
   m.def("dequantize_8bit(Tensor codes, Tensor scales, int map) -> Tensor");
 }
 

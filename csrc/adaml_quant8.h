@@ -5,6 +5,7 @@
 //
 // A block of kQuantBlock consecutive elements has the scale 2^S, S = clamp(ceil(log2(absmax)),
 // S_min, 127). exp_avg codes: sign, 4 exponent bits (bias 15), 3 mantissa bits, 0x7F is NaN.
+// Codes round to nearest even, or stochastically (encode8_stochastic) under kSR.
 // exp_avg_sq codes: 5 exponent bits (bias 31), 3 mantissa bits, 0xFF is NaN, and a w > 0
 // never gets code 0.
 #pragma once
@@ -32,6 +33,15 @@ template <> struct QuantFormat<kExpAvgSqMap> {
   static constexpr uint32_t kTop = 0xFE, kNaN = 0xFF;
 };
 constexpr int kScaleExponentMax = 127;
+constexpr int kMantissaBits = 3;
+constexpr int kRandomBits = 23 - kMantissaBits;  // stochastic rounding's bits per code
+
+// Stochastic rounding's bits of an element's two codes, from its random bits (precision.py
+// code_bits): the high kRandomBits of exp_avg_sq_bits(bits), and of that hashed again.
+ADAML_HD uint32_t exp_avg_code_bits(uint32_t bits) { return exp_avg_sq_bits(bits) >> 12; }
+ADAML_HD uint32_t exp_avg_sq_code_bits(uint32_t bits) {
+  return exp_avg_sq_bits(exp_avg_sq_bits(bits)) >> 12;
+}
 
 // |x|'s bits, a NaN as 0: the integer maximum of these over a block is the bits of its absmax.
 ADAML_HD uint32_t magnitude_bits(uint32_t b) {
@@ -49,6 +59,20 @@ template <int kMap> ADAML_HD int scale_exponent(uint32_t absmax) {
 ADAML_HD float scale_of(int s) { return bits_to_float(static_cast<uint32_t>(s + 127) << 23); }
 ADAML_HD int exponent_of_scale(float scale) {
   return static_cast<int>(float_to_bits(scale) >> 23) - 127;
+}
+
+// A code's magnitude (before saturation) made the code of the float with bits b: saturated
+// (and inf), signed, never 0 for a w > 0, NaN for NaN.
+template <int kMap> ADAML_HD uint8_t finish_code(uint32_t code, uint32_t b) {
+  using F = QuantFormat<kMap>;
+  const uint32_t mag = b & 0x7FFFFFFFu;
+  code = code > F::kTop || mag >= 0x7F800000u ? F::kTop : code;
+  if constexpr (F::kSigned) {
+    code = (code != 0u && (b >> 31)) ? (code | 0x80u) : code;
+  } else {
+    code = (code == 0u && mag != 0u) ? 1u : code;  // a w > 0 never decodes to 0
+  }
+  return static_cast<uint8_t>(mag > 0x7F800000u ? F::kNaN : code);
 }
 
 // The code of the float with bits b in a block of scale 2^s, rounded to nearest even, from bit
@@ -71,13 +95,24 @@ template <int kMap> ADAML_HD uint8_t encode8(uint32_t b, int s) {
   uint32_t code = float_to_bits(steps + 8388608.0f) - 0x4B000000u;
   code = k < -126 ? 0u : code;
   code = field - s >= 128 - F::kBias ? normal : code;
-  code = code > F::kTop || mag >= 0x7F800000u ? F::kTop : code;  // (and inf)
-  if constexpr (F::kSigned) {
-    code = (code != 0u && (b >> 31)) ? (code | 0x80u) : code;
-  } else {
-    code = (code == 0u && mag != 0u) ? 1u : code;  // a w > 0 never decodes to 0
-  }
-  return static_cast<uint8_t>(mag > 0x7F800000u ? F::kNaN : code);
+  return finish_code<kMap>(code, b);
+}
+
+// The same, rounded stochastically with r, kRandomBits random bits: the kRandomBits bits of
+// |x| / 2^s below the code's last one, truncated, plus r, carry into the code (quant8.encode).
+template <int kMap> ADAML_HD uint8_t encode8_stochastic(uint32_t b, int s, uint32_t r) {
+  using F = QuantFormat<kMap>;
+  const uint32_t mag = b & 0x7FFFFFFFu;
+  const int field = static_cast<int>(mag >> 23);
+  const uint32_t significand = field > 0 ? ((mag & 0x7FFFFFu) | 0x800000u) : mag;
+  // The exponent of |x| / 2^s, and the code's: at least the smallest normal code's.
+  const int relative = (field > 0 ? field : 1) - 127 - s;
+  const int target = relative > 1 - F::kBias ? relative : 1 - F::kBias;
+  const int below = target - relative;  // the significand's bits below a normal code's
+  const uint32_t kept = significand >> (below < 31 ? below : 31);
+  const uint32_t code = (static_cast<uint32_t>(target + F::kBias - 1) << kMantissaBits) +
+                        ((kept + r) >> kRandomBits);
+  return finish_code<kMap>(code, b);
 }
 
 // The value of code c in a block of scale 2^s (exact: a normal float32 or 0).

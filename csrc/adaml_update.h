@@ -437,7 +437,7 @@ ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s,
 //   PT  parameter dtype               GT  gradient dtype (PT, or float32 for fp16/bf16 params)
 //   MT  moment dtype (float32; bf16; uint8: 8-bit codes; float64 for float64 params)
 //   kMaster  a float32 master weight is read instead of p, and written with p (fp16/bf16 PT)
-//   kSR      values stored as bf16 (PT, MT) are rounded stochastically
+//   kSR      values stored as bf16 (PT, MT) or as 8-bit codes are rounded stochastically
 template <int PT_, int GT_, int MT_, bool kMaster_, bool kSR_> struct Config {
   static constexpr int PT = PT_, GT = GT_, MT = MT_;
   static constexpr bool kMaster = kMaster_, kSR = kSR_;
@@ -475,7 +475,8 @@ ADAML_HD void step_element(typename Cfg::P* p, typename Cfg::C* master, typename
 }
 
 // Calls f(Config<...>{}) with the Config of (pt, gt, mt, master, sr); only valid combinations are
-// instantiated (check_step_args has refused the others). sr is dropped where nothing is bf16.
+// instantiated (check_step_args has refused the others). sr is dropped where nothing is bf16
+// or 8-bit.
 template <bool kWithFloat64, typename F>
 void dispatch_config(int pt, int gt, int mt, bool master, bool sr, F&& f) {
   auto moments = [&](auto ptc, auto gtc, auto masterc) {
@@ -483,12 +484,8 @@ void dispatch_config(int pt, int gt, int mt, bool master, bool sr, F&& f) {
     constexpr bool M = decltype(masterc)::value;
     if (mt == kBFloat16) {
       sr ? f(Config<P, G, kBFloat16, M, true>{}) : f(Config<P, G, kBFloat16, M, false>{});
-    } else if (mt == kUInt8) {  // 8-bit codes: only bf16 params round stochastically
-      if constexpr (P == kBFloat16) {
-        sr ? f(Config<P, G, kUInt8, M, true>{}) : f(Config<P, G, kUInt8, M, false>{});
-      } else {
-        f(Config<P, G, kUInt8, M, false>{});
-      }
+    } else if (mt == kUInt8) {  // 8-bit codes (and bf16 params) round stochastically
+      sr ? f(Config<P, G, kUInt8, M, true>{}) : f(Config<P, G, kUInt8, M, false>{});
     } else if (P == kBFloat16 && sr) {  // bf16 params, float32 moments
       f(Config<P, G, kFloat32, M, P == kBFloat16>{});
     } else {

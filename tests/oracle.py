@@ -175,7 +175,13 @@ class Oracle:
                 m = np.clip(m, -BFLOAT16_MAX, BFLOAT16_MAX)
                 w = np.minimum(w, BFLOAT16_MAX)
             if st.moments == "uint8":  # 8-bit moments: the step used the values before this
-                st.m, st.w = quantize_8bit(m, signed=True), quantize_8bit(w, signed=False)
+                m_random = w_random = None
+                if bits is not None:  # the codes' random bits (20 each): see code_bits
+                    sq = _mix32(bits ^ np.uint64(0x6A09E667))
+                    m_random = sq >> np.uint64(12)
+                    w_random = _mix32(sq ^ np.uint64(0x6A09E667)) >> np.uint64(12)
+                st.m = quantize_8bit(m, signed=True, random=m_random)
+                st.w = quantize_8bit(w, signed=False, random=w_random)
                 continue
             st.m = m if st.moments != "bfloat16" else store(m, "bfloat16", m_bits)
             st.w = w if st.moments != "bfloat16" else store(w, "bfloat16", w_bits)
@@ -183,15 +189,18 @@ class Oracle:
 
 # ------------------------------------------------------------------------- 8-bit moments
 
-def quantize_8bit(x: np.ndarray, signed: bool) -> np.ndarray:
+def quantize_8bit(x: np.ndarray, signed: bool, random: np.ndarray | None = None) -> np.ndarray:
     """The values 8-bit moments hold for x (docs/low_precision.md), computed on values rather
     than bits: x is rounded to float32 (the kernels encode float32 values), cut into blocks of
     256 consecutive elements, each block scaled by 2^S, S = ceil(log2(absmax)) clamped to
     [S_MIN, 127]; each value keeps 3 mantissa bits below its power of two, or a fixed step of
     2^(-bias-2) below 2^(1-bias), rounded to nearest even and saturated at 1.75; a positive w
-    never becomes 0. exp_avg: signed, bias 15, S_MIN -109; exp_avg_sq: bias 31, S_MIN -93."""
+    never becomes 0. exp_avg: signed, bias 15, S_MIN -109; exp_avg_sq: bias 31, S_MIN -93.
+    With `random` (integers below 2^20, one per element) it rounds stochastically instead: the
+    value in steps, its fraction truncated to 20 bits, plus random / 2^20, rounded down."""
     bias, s_min = (15, -109) if signed else (31, -93)
     x32 = np.asarray(x, dtype=np.float64).astype(np.float32).astype(np.float64).ravel()
+    r = None if random is None else np.asarray(random, dtype=np.float64).ravel() / 2.0**20
     out = np.empty_like(x32)
     for start in range(0, x32.size, 256):
         block = x32[start:start + 256]
@@ -202,7 +211,11 @@ def quantize_8bit(x: np.ndarray, signed: bool) -> np.ndarray:
         e = np.floor(np.log2(np.where(y > 0, y, 1.0)))
         e = np.maximum(e, 1 - bias)  # the fixed-step range below the smallest normal
         step = 2.0 ** (e - 3)
-        q = np.minimum(np.round(y / step) * step, 1.75)  # np.round: half to even
+        if r is None:
+            q = np.round(y / step)  # half to even
+        else:
+            q = np.floor(np.floor(y / step * 2.0**20) / 2.0**20 + r[start:start + 256])
+        q = np.minimum(q * step, 1.75)
         if not signed:
             q = np.where((q == 0) & (magnitude > 0), 2.0 ** (-bias - 2), q)
         out[start:start + 256] = np.where(np.isnan(block), np.nan, np.copysign(q, block) * 2.0**s)

@@ -16,8 +16,8 @@ from oracle import Oracle, ParamState, quantize_8bit
 from parity import STEPS, LOUD, Inputs, as_torch, normwise_error
 from quant8_inputs import awkward
 from tolerances import (
-    QUANT8_MISMATCH, QUANT8_MISMATCH_FLOOR, QUANT8_MOMENT_BOUND, QUANT8_PARAM_BOUND,
-    allowed_error,
+    QUANT8_DRAWS, QUANT8_DRAWS_BLOCK, QUANT8_MISMATCH, QUANT8_MISMATCH_FLOOR,
+    QUANT8_MOMENT_BOUND, QUANT8_PARAM_BOUND, QUANT8_SR_BIAS, QUANT8_SR_EMA, allowed_error,
 )
 
 U8 = torch.uint8
@@ -34,6 +34,67 @@ def test_decoded_codes_are_the_values_the_definition_gives(which, signed, seed):
     assert codes.dtype == U8 and scales.shape == (quant8.num_blocks(4000),)
     np.testing.assert_array_equal(quant8.decode(codes, scales, which).double().numpy(),
                                   quantize_8bit(x.numpy(), signed))
+
+
+def random_bits(shape, seed: int) -> torch.Tensor:
+    """Stochastic rounding's random bits for a code (int32, below 2^RANDOM_BITS)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, 1 << quant8.RANDOM_BITS, shape, generator=g, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("which,signed", MAPS)
+@pytest.mark.parametrize("seed", range(3))
+def test_stochastic_codes_are_the_values_the_definition_gives(which, signed, seed):
+    x = awkward(4000, seed, signed)
+    random = random_bits(x.shape, seed)
+    codes, scales = quant8.encode(x, which, random)
+    assert torch.equal(scales, quant8.encode(x, which)[1])  # the scale does not depend on it
+    np.testing.assert_array_equal(quant8.decode(codes, scales, which).double().numpy(),
+                                  quantize_8bit(x.numpy(), signed, random.numpy()))
+    nearest = quant8.encode(x, which)[0]
+    magnitude = nearest.to(torch.int32) & (0x7F if signed else 0xFF)
+    inexact = (quant8.decode(nearest, scales, which) != x) & (magnitude > 1)
+    assert (codes != nearest)[inexact].float().mean() > 0.1  # the bits are used
+
+
+def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_is_not():
+    # One block: its largest value sets the scale; the others lie between codes, where
+    # rounding to nearest is off by up to half a code step (2^-4 relative) every time.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(QUANT8_DRAWS_BLOCK, generator=g) * 0.9 + 0.05) * 2.0**-4
+    x[0] = 1.0
+    for which in (quant8.EXP_AVG_MAP, quant8.EXP_AVG_SQ_MAP):
+        total = torch.zeros_like(x, dtype=torch.float64)
+        for draw in range(QUANT8_DRAWS):
+            codes, scales = quant8.encode(x, which, random_bits(x.shape, draw))
+            total += quant8.decode(codes, scales, which).double()
+        bias = (total / QUANT8_DRAWS / x.double() - 1).abs()
+        nearest = quant8.decode(*quant8.encode(x, which), which).double() / x.double() - 1
+        assert bias.max() <= QUANT8_SR_BIAS, bias.max()
+        assert nearest.abs().max() > 2 * QUANT8_SR_BIAS  # (the test can tell them apart)
+
+
+def test_an_ema_through_stochastic_codes_tracks_the_exact_one():
+    # w <- b2 w + (1 - b2) x from w = 0, through 8-bit codes each step. Rounding to nearest
+    # stalls once a step's change is below half a code step (x / w > 64 for b2 = 0.999);
+    # rounded stochastically, the codes follow the exact EMA.
+    b2, steps = 0.999, 3000
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(QUANT8_DRAWS_BLOCK, generator=g) + 0.5
+    exact = torch.zeros_like(x, dtype=torch.float64)
+    codes = {True: quant8.encode(torch.zeros_like(x), quant8.EXP_AVG_SQ_MAP),
+             False: quant8.encode(torch.zeros_like(x), quant8.EXP_AVG_SQ_MAP)}
+    for k in range(steps):
+        exact = b2 * exact + (1 - b2) * x.double()
+        for sr, (c, s) in codes.items():
+            w = quant8.decode(c, s, quant8.EXP_AVG_SQ_MAP)
+            w = b2 * w + (1 - b2) * x
+            codes[sr] = quant8.encode(w, quant8.EXP_AVG_SQ_MAP,
+                                      random_bits(x.shape, k) if sr else None)
+    ratio = {sr: (quant8.decode(*cs, quant8.EXP_AVG_SQ_MAP).double() / exact).median().item()
+             for sr, cs in codes.items()}
+    assert abs(ratio[True] - 1) <= QUANT8_SR_EMA, ratio
+    assert ratio[False] < 0.1, ratio  # rounding to nearest stalled
 
 
 def test_exp_avg_codes_are_float8_e4m3fn_codes_of_the_value_over_the_scale_times_256():
@@ -54,6 +115,10 @@ def test_the_cpu_kernel_quantizes_bitwise_as_the_reference(which, signed):
         got_codes, got_scales = torch.ops.adaml_kernels.quantize_8bit(x, which)
         codes, scales = quant8.encode(x, which)
         assert torch.equal(got_codes, codes) and torch.equal(got_scales, scales)
+        random = random_bits(x.shape, seed)
+        got_codes, got_scales = torch.ops.adaml_kernels.quantize_8bit(x, which, random)
+        codes, scales = quant8.encode(x, which, random)
+        assert torch.equal(got_codes, codes) and torch.equal(got_scales, scales)
         decoded = torch.ops.adaml_kernels.dequantize_8bit(codes, scales, which)
         assert torch.equal(decoded.view(torch.int32),
                            quant8.decode(codes, scales, which).view(torch.int32))
@@ -65,6 +130,8 @@ def test_opcheck_of_the_quantizer_ops():
     for which in (quant8.EXP_AVG_MAP, quant8.EXP_AVG_SQ_MAP):
         v = x if which == quant8.EXP_AVG_MAP else x.abs()
         torch.library.opcheck(torch.ops.adaml_kernels.quantize_8bit.default, (v, which))
+        torch.library.opcheck(torch.ops.adaml_kernels.quantize_8bit.default,
+                              (v, which, random_bits(v.shape, 0)))
         codes, scales = quant8.encode(v, which)
         torch.library.opcheck(torch.ops.adaml_kernels.dequantize_8bit.default,
                               (codes, scales, which))
@@ -177,6 +244,7 @@ def errors(params, opt, oracle: Oracle) -> dict:
 
 
 CASES = {"fp32": (torch.float32, {}),
+         "fp32+sr": (torch.float32, dict(stochastic_rounding=True)),
          "bf16+master+sr": (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True))}
 
 

@@ -44,6 +44,12 @@ def test_the_triton_quantizer_gives_the_reference_codes_and_scales(which, signed
         want_codes, want_scales = quant8.encode(x, which)
         assert_bitwise(codes, want_codes)
         assert_bitwise(scales, want_scales)
+        random = torch.randint(0, 1 << quant8.RANDOM_BITS, x.shape, dtype=torch.int32,
+                               generator=torch.Generator().manual_seed(seed))
+        codes, scales = quantize_8bit_triton(x, which, random)
+        want_codes, want_scales = quant8.encode(x, which, random)
+        assert_bitwise(codes, want_codes)
+        assert_bitwise(scales, want_scales)
 
 
 @needs_triton
@@ -70,6 +76,7 @@ def test_the_triton_quantizer_round_trips_decoded_values():
 
 SIZES = [5000, 4096, 300, 6000]  # 300: below MIN_8BIT_NUMEL, keeps float32 moments
 CASES = {"fp32": (torch.float32, {}),
+         "fp32+sr": (torch.float32, dict(stochastic_rounding=True)),
          "bf16+master+sr": (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True))}
 HYPER = {"loud": LOUD,
          "decoupled_decay": replace(LOUD, weight_decay=0.1, decoupled_weight_decay=True)}

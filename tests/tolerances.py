@@ -76,3 +76,17 @@ QUANT8_PARAM_BOUND = {torch.float32: 2.0**-11, torch.bfloat16: 2.0**-6}
 # about 0.15% of the elements per step, 0.9% after 8 steps.
 QUANT8_MISMATCH = {torch.float32: 0.001, torch.bfloat16: 0.02}
 QUANT8_MISMATCH_FLOOR = 0.001
+# Stochastically rounded codes, QUANT8_DRAWS draws of a block of QUANT8_DRAWS_BLOCK values
+# between codes: each draw is one of two codes at most 2^-3 of the value apart, so the mean of
+# the draws is within (2^-3 / 2) / sqrt(draws) = 0.3% of the value (one sigma) at worst;
+# 1.6% is five sigma, and a quarter of rounding to nearest's worst bias (2^-4), of which the
+# test's values reach 5%.
+QUANT8_DRAWS = 400
+QUANT8_DRAWS_BLOCK = 256
+QUANT8_SR_BIAS = 0.016
+# An EMA (b2 = 0.999, 3000 steps) through stochastic codes. Each step rounds w's change (about
+# 0.1% of w) up or down to a code, 2^-3 of w apart: an unbiased error that w carries on. Over
+# 256 elements the decoded w has a spread of 6.5% (seen at 3000 steps); the median of 256 such
+# is within 1.25 * 6.5% / 16 = 0.5% (one sigma) of the exact EMA. 2.5% is five sigma.
+# (Rounding to nearest stalls at w < x / 64: the median is then 0.025 of it.)
+QUANT8_SR_EMA = 0.025

@@ -1,6 +1,7 @@
 """Low-precision training: the char LSTM (lstm.py) trained by AdamL in fp32, in bf16 with rounding
 to nearest, bf16 with stochastic rounding, bf16 with fp32 master weights, and fp32 with bf16
-moments (rounded to nearest, and stochastically), over the same seeds and batches.
+moments and with 8-bit moments (each rounded to nearest, and stochastically), over the same
+seeds and batches.
 
 bf16 runs keep the whole model in bf16 (weights, activations, gradients; the loss is computed in
 float32 from bf16 logits), so they differ from fp32 both in how weights are stored and in the
@@ -34,10 +35,12 @@ MODES = {
     "fp32 + bf16 moments": (torch.float32, dict(state_dtype=BF16)),
     "fp32 + bf16 moments + SR": (torch.float32, dict(state_dtype=BF16, stochastic_rounding=True)),
     "fp32 + 8-bit moments": (torch.float32, dict(state_dtype=torch.uint8)),
+    "fp32 + 8-bit moments + SR": (torch.float32, dict(state_dtype=torch.uint8,
+                                                      stochastic_rounding=True)),
 }
 COLORS = dict(zip(MODES, ("black", "tab:red", "tab:blue", "tab:green", "tab:orange",
-                          "tab:purple", "tab:brown")))
-STYLES = dict(zip(MODES, ("-", "-", "--", ":", "-", "--", "-.")))
+                          "tab:purple", "tab:brown", "tab:cyan")))
+STYLES = dict(zip(MODES, ("-", "-", "--", ":", "-", "--", "-.", "--")))
 
 
 def settings(quick: bool) -> dict:
