@@ -40,7 +40,8 @@ def moment_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None = Non
                  numel: int | None = None) -> torch.dtype:
     """The moments' dtype: `state_dtype` (float32 if None) whatever the parameter dtype, except
     float64 for float64 params, and float32 for 8-bit moments (uint8) of a tensor of fewer
-    than MIN_8BIT_NUMEL elements (`numel`: the tensor's, or this rank's shard's)."""
+    than MIN_8BIT_NUMEL elements (`numel`: the tensor's; of a DTensor, the whole parameter's, so
+    that every rank decides alike)."""
     if param_dtype == torch.float64:
         return torch.float64
     if state_dtype == torch.uint8 and numel is not None and numel < MIN_8BIT_NUMEL:

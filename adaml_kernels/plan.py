@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends, quant8, staging
+from . import backends, quant8, quant8_dtensor, staging
 from .buckets import Bucket, is_dense, moment_dtype
 from .hyperparams import Hyperparams
 from .loss import StepInputs
@@ -141,13 +141,8 @@ def check_group(params, grads, state, requested: str,
                 f"whole parameter (e.g. Shard(0)); a DTensor with placements {p.placements} "
                 "would round its elements by their positions in the shard, unlike one process"
             )
-        if is_dtensor(p) and moment_dtype(p.dtype, low.state_dtype, local(p).numel()) == \
-                torch.uint8:
-            raise ValueError(
-                "8-bit moments (state_dtype=torch.uint8) do not support DTensor parameters "
-                "(FSDP2, tensor parallel) yet: their block scales are not DTensors, so DCP "
-                "could not reshard them; use state_dtype=torch.bfloat16 or None"
-            )
+        if is_dtensor(p) and moment_dtype(p.dtype, low.state_dtype, p.numel()) == torch.uint8:
+            quant8_dtensor.check_sharding(p)
         st = state.get(p)
         if st and "exp_avg" in st:
             for key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
@@ -176,7 +171,7 @@ def make_group_plan(params, grads, names, state, packed: dict,
     by_bucket: dict[tuple, list[int]] = {}
     for i, (p, g, name) in enumerate(zip(params, grads, names)):
         staged = backends.is_fused(name) and staging.needs_staging(local(p))
-        mdt = moment_dtype(p.dtype, low.state_dtype, local(p).numel())
+        mdt = moment_dtype(p.dtype, low.state_dtype, p.numel())
         by_bucket.setdefault((p.device, p.dtype, g.dtype, mdt, name, staged), []).append(i)
     pack_state(state, packed, params, low)
     buckets, members = [], []
@@ -195,7 +190,7 @@ def make_group_plan(params, grads, names, state, packed: dict,
             stochastic_rounding=low.stochastic_rounding,
             seed=low.seed,
             staged=staged,
-            moment_scales=[st[key] for key in quant8.SCALE_KEYS.values() for st in views]
+            moment_scales=[local(st[key]) for key in quant8.SCALE_KEYS.values() for st in views]
             if mdt == torch.uint8 else None,
         )
         buckets.append((bucket, name))
@@ -251,14 +246,17 @@ def state_fits(p: torch.Tensor, st: dict | None, low: Precision = DEFAULT_PRECIS
     m = st["exp_avg"]
     if is_dtensor(p) != is_dtensor(m) or (is_dtensor(p) and not _same_spec(p, m)):
         return False
-    p, m = local(p), local(m)
     mdt = moment_dtype(p.dtype, low.state_dtype, p.numel())
+    sharded = is_dtensor(p)
+    p, m = local(p), local(m)
     fits = (
         m.device == p.device and m.dtype == mdt
         and m.shape == p.shape and m.stride() == moment_stride(p)
     )
     if mdt == torch.uint8:
-        fits = fits and all(quant8.scales_fit(st.get(key), p) for key in quant8.SCALE_KEYS.values())
+        fits = fits and all(is_dtensor(st.get(key)) == sharded and
+                            quant8.scales_fit(local(st.get(key)), p)
+                            for key in quant8.SCALE_KEYS.values())
     if not low.has_master(p.dtype):
         return fits and MASTER_KEY not in st
     x = st.get(MASTER_KEY)
@@ -287,7 +285,7 @@ def pack_state(state, packed: dict, active: list, low: Precision = DEFAULT_PRECI
         laid_out = packed.get(id(p))
         if laid_out is None or st is None or laid_out() is not st.get("exp_avg") or \
                 not state_fits(p, st, low):
-            mdt = moment_dtype(p.dtype, low.state_dtype, local(p).numel())
+            mdt = moment_dtype(p.dtype, low.state_dtype, p.numel())
             misfits.setdefault((p.device, p.dtype, mdt), []).append(p)
     for members in misfits.values():
         pack(members, state, low)
@@ -314,7 +312,7 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
     parameter's value. A master weight that is no longer needed is dropped.
     """
     device, dtype = members[0].device, members[0].dtype
-    mdt = moment_dtype(dtype, low.state_dtype, local(members[0]).numel())
+    mdt = moment_dtype(dtype, low.state_dtype, members[0].numel())
     offsets, total = _offsets(members, mdt)
     # One buffer: every exp_avg, a gap, then every exp_avg_sq at the same offsets.
     second_row = total + ROW_GAP_BYTES // torch.empty((), dtype=mdt).element_size()
@@ -344,12 +342,18 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
         if scales is not None:  # codes and block scales: copied, or encoded from values
             for name, key in quant8.SCALE_KEYS.items():
                 codes, scale = views.pop(name), scales.view(name, i)
-                quant8.fill(codes, scale, st.get(name), st.get(key), name)
-                st[name], st[key] = codes, scale
+                source, source_scale = st.get(name), st.get(key)
+                if source is not None:
+                    source = _local_part(source, p)
+                if source_scale is not None:
+                    source_scale = quant8_dtensor.local_scales(source_scale, p)
+                quant8.fill(codes, scale, source, source_scale, name)
+                st[name] = _like_param(codes, p)
+                st[key] = quant8_dtensor.scales_like_param(scale, p)
         else:  # 8-bit moments laid out in a float dtype: decoded, then copied below
             for name, key in quant8.SCALE_KEYS.items():
                 if key in st:
-                    st[name] = quant8.decode_moment(st[name], st.pop(key), name)
+                    st[name] = quant8_dtensor.decode_moment(st[name], st.pop(key), name)
         for name, view in views.items():
             if name in st:
                 view.copy_(_local_part(st[name], p) if name != "step" else st[name])

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 
-from . import quant8
+from . import quant8, quant8_dtensor
 from .buckets import moment_dtype
 from .precision import MASTER_KEY
 from .tensor_checks import is_dtensor, local
@@ -137,7 +137,7 @@ def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
     """
     if not isinstance(saved, dict):
         return saved
-    mdt = moment_dtype(p.dtype, state_dtype, local(p).numel())
+    mdt = moment_dtype(p.dtype, state_dtype, p.numel())
     out = {}
     for key, value in saved.items():
         if key not in STATE_KEYS:
@@ -153,7 +153,8 @@ def import_param_state(p: torch.Tensor, saved, state_dtype=None) -> dict:
                 raise ValueError(f"saved 8-bit {key!r} has no {quant8.SCALE_KEYS[key]!r}")
             value = value.to(device=p.device, copy=True)
             if mdt != torch.uint8:
-                value = quant8.decode_moment(value, saved[quant8.SCALE_KEYS[key]], key).to(mdt)
+                value = quant8_dtensor.decode_moment(
+                    value, saved[quant8.SCALE_KEYS[key]], key).to(mdt)
         elif key in ("exp_avg", "exp_avg_sq", MASTER_KEY):
             dtype = torch.float32 if key == MASTER_KEY or mdt == torch.uint8 else mdt
             value = value.to(device=p.device, dtype=dtype, copy=True)
@@ -214,6 +215,6 @@ def dequantized_state_dict(state_dict: dict) -> dict:
         st = dict(st)
         for name, scale_key in quant8.SCALE_KEYS.items():
             if scale_key in st:
-                st[name] = quant8.decode_moment(st[name], st.pop(scale_key), name)
+                st[name] = quant8_dtensor.decode_moment(st[name], st.pop(scale_key), name)
         out["state"][key] = st
     return out

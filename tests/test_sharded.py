@@ -157,17 +157,81 @@ def fsdp_low_precision(rank, world):
     return full_params(model)
 
 
-def fsdp_refuses_8bit_moments(rank, world):
-    """8-bit moments under FSDP2: refused with a clear error before anything changes."""
+# 8-bit moments: both weights shard into whole 256-element blocks (64 x 64 and 32 x 128 per
+# rank), so a sharded run is bitwise one process's; the biases keep float32 moments.
+KWARGS_8BIT = dict(lr=0.01, normalize_loss=True, state_dtype=torch.uint8,
+                   stochastic_rounding=True, seed=5)
+
+
+def mlp_8bit():
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64)]
+    return torch.nn.Sequential(*layers)
+
+
+def batch_8bit():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)
+
+
+def sharded_8bit(world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    model = mlp_8bit()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model
+
+
+def load_dcp(model, opt, checkpoint_id, **kwargs):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=checkpoint_id, **kwargs)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def fsdp_8bit_moments(rank, world, out_dir):
+    """Train, save from 2 ranks, go on; load that and one process's checkpoint into 2 fresh
+    ranks and go on; and a parameter whose shards are not whole blocks, refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = batch_8bit()
+    model = sharded_8bit(world)
+    opt = AdamL(model.parameters(), **KWARGS_8BIT)
+    train(model, opt, x, y)
+    weight = opt.state[model[0].weight]
+    out = {"kinds": {k: (type(v).__name__, str(v.dtype), tuple(v.shape), tuple(local_of(v).shape))
+                     for k, v in weight.items() if k != "step"}}
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out_dir}/ckpt8_2")
+    train(model, opt, x, y)
+    out["uninterrupted"] = full_params(model)
+    for name, ckpt in (("from2", "ckpt8_2"), ("from1", "ckpt8_1")):
+        model = sharded_8bit(world)
+        opt = AdamL(model.parameters(), **KWARGS_8BIT)
+        load_dcp(model, opt, f"{out_dir}/{ckpt}")
+        train(model, opt, x, y)
+        out[name] = full_params(model)
+    # One process's plain state_dict() (whole tensors) loaded into 2 ranks: each slices its own.
+    model = sharded_8bit(world)
+    opt = AdamL(model.parameters(), **KWARGS_8BIT)
+    load_dcp(model, opt, f"{out_dir}/ckpt8_1")
+    opt.load_state_dict(torch.load(f"{out_dir}/state_dict8_1.pt", weights_only=False))
+    train(model, opt, x, y)
+    out["from1_plain"] = full_params(model)
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(128, 128))  # 8,192 weights per shard: 8-bit
+    model = torch.nn.Sequential(torch.nn.Linear(100, 61))  # shards of 31 x 100 and 30 x 100
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     opt = AdamL(model.parameters(), lr=0.05, state_dtype=torch.uint8)
     before = [p.detach().to_local().clone() for p in model.parameters()]
-    loss = model(torch.randn(4, 128)).square().mean()
+    loss = model(torch.randn(4, 100)).square().mean()
     loss.backward()
     try:
         opt.step(loss)
@@ -176,8 +240,12 @@ def fsdp_refuses_8bit_moments(rank, world):
         message = str(e)
     unchanged = all(torch.equal(b, p.detach().to_local())
                     for b, p in zip(before, model.parameters()))
-    laid_out = any("exp_avg" in st for st in opt.state.values())
-    return message, unchanged, laid_out
+    out["refused"] = message, unchanged, any("exp_avg" in st for st in opt.state.values())
+    return out
+
+
+def local_of(t):
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def worker(rank, world, out_dir):
@@ -186,7 +254,7 @@ def worker(rank, world, out_dir):
         "tp": {b: tp_parity(rank, world, b) for b in adaml_kernels.available_backends("cpu")},
         "dcp": dcp_round_trips(rank, world, out_dir),
         "low_precision": fsdp_low_precision(rank, world),
-        "refuses_8bit": fsdp_refuses_8bit_moments(rank, world),
+        "8bit": fsdp_8bit_moments(rank, world, out_dir),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
@@ -209,12 +277,32 @@ def one_process_checkpoint(out_dir):
     return full_params(model)
 
 
+def one_process_8bit_checkpoint(out_dir):
+    """The 1-process run of fsdp_8bit_moments; saves its checkpoint as ckpt8_1."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    x, y = batch_8bit()
+    model = mlp_8bit()
+    opt = AdamL(model.parameters(), **KWARGS_8BIT)
+    train(model, opt, x, y)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out_dir}/ckpt8_1", no_dist=True)
+    torch.save(opt.state_dict(), f"{out_dir}/state_dict8_1.pt")
+    train(model, opt, x, y)
+    return full_params(model)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
     single = one_process_checkpoint(out)
+    single_8bit = one_process_8bit_checkpoint(out)
     run_ranks(worker, WORLD, str(out))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], single, out
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in results:
+        r["single_8bit"] = single_8bit
+    return results, single, out
 
 
 @pytest.mark.parametrize("backend,dtype", CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
@@ -316,9 +404,42 @@ def test_fsdp2_on_gpus_matches_one_process(tmp_path):
         assert normwise(params, full_params(model)) <= PARITY_BOUND[torch.float32], backend
 
 
-def test_fsdp2_refuses_8bit_moments_before_anything_changes(ranks):
+def test_fsdp2_8bit_moments_are_dtensors_of_whole_blocks(ranks):
+    for r in ranks[0]:
+        kinds = r["8bit"]["kinds"]
+        assert kinds["exp_avg"] == ("DTensor", "torch.uint8", (128, 64), (64, 64))
+        assert kinds["exp_avg_sq"] == ("DTensor", "torch.uint8", (128, 64), (64, 64))
+        for key in ("exp_avg_scale", "exp_avg_sq_scale"):  # 8192 / 256 blocks, half per rank
+            assert kinds[key] == ("DTensor", "torch.float32", (32,), (16,))
+
+
+def test_fsdp2_with_8bit_moments_is_bitwise_one_process_where_blocks_line_up(ranks):
+    for r in ranks[0]:
+        d = r["8bit"]
+        assert all(torch.equal(a, b) for a, b in zip(d["uninterrupted"], r["single_8bit"]))
+
+
+def test_dcp_of_8bit_moments_resumes_bitwise_from_2_ranks_and_from_1_process(ranks):
+    for r in ranks[0]:
+        d = r["8bit"]
+        assert all(torch.equal(a, b) for a, b in zip(d["from2"], d["uninterrupted"]))
+        assert all(torch.equal(a, b) for a, b in zip(d["from1"], r["single_8bit"]))
+        assert all(torch.equal(a, b) for a, b in zip(d["from1_plain"], r["single_8bit"]))
+
+
+def test_dcp_of_8bit_moments_from_2_ranks_into_1_process_resumes_bitwise(ranks):
+    results, _, out = ranks
+    model = mlp_8bit()
+    opt = AdamL(model.parameters(), **KWARGS_8BIT)
+    load_dcp(model, opt, f"{out}/ckpt8_2", no_dist=True)
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.uint8
+    train(model, opt, *batch_8bit())
+    assert all(torch.equal(a, b) for a, b in zip(full_params(model), results[0]["single_8bit"]))
+
+
+def test_fsdp2_refuses_8bit_moments_of_shards_that_are_not_whole_blocks(ranks):
     results, _, _ = ranks
     for r in results:
-        message, unchanged, laid_out = r["refuses_8bit"]
-        assert message is not None and "8-bit moments" in message and "DTensor" in message
+        message, unchanged, laid_out = r["8bit"]["refused"]
+        assert message is not None and "8-bit moments" in message and "whole blocks" in message
         assert unchanged and not laid_out

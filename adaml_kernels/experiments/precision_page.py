@@ -95,14 +95,17 @@ def _reading(runs: dict) -> str:
     parts = []
     for name in ("bf16, round to nearest", "bf16 + stochastic rounding",
                  "bf16 + master weights", "fp32 + bf16 moments", "fp32 + bf16 moments + SR",
-                 "fp32 + 8-bit moments"):
+                 "fp32 + 8-bit moments", "fp32 + 8-bit moments + SR"):
         r = runs[name]
         parts.append(f"{name}: {r['verdict']} ({r['final_loss_mean_std'][0] - fp32:+.4f})")
     text = "Against fp32: " + "; ".join(parts) + "."
-    eight = runs["fp32 + 8-bit moments"]["final_loss_mean_std"][0]
-    text += (f" 8-bit moments end {100 * (eight / fp32 - 1):+.2f}% from fp32's final loss "
-             f"(goal: within 2%), with {runs['fp32 + 8-bit moments']['state_bytes']:,} bytes "
-             f"of state against fp32's {runs['fp32']['state_bytes']:,}.")
+    nearest8 = runs["fp32 + 8-bit moments"]["final_loss_mean_std"][0]
+    stochastic8 = runs["fp32 + 8-bit moments + SR"]["final_loss_mean_std"][0]
+    text += (f" 8-bit moments end {100 * (stochastic8 / fp32 - 1):+.2f}% from fp32's final "
+             f"loss with stochastic rounding and {100 * (nearest8 / fp32 - 1):+.2f}% rounded to "
+             f"nearest (goal: within 2%), with "
+             f"{runs['fp32 + 8-bit moments']['state_bytes']:,} bytes of state against fp32's "
+             f"{runs['fp32']['state_bytes']:,}.")
     nearest = runs["fp32 + bf16 moments"]
     if nearest["verdict"] != "same as fp32":
         ratio = nearest["exp_avg_sq_vs_fp32"]
