@@ -10,6 +10,12 @@ The engine holds the plans and flat-buffer records (plan.py), the fast path, the
 registered with add_loss(), f_1 and the skip count. f_1 and the skip count are also put into
 every parameter's state (so that they are saved wherever the state goes); the rest is rebuilt
 from the state when needed and never saved.
+
+Under gradient release (grad_release.py) the buckets are launched from the parameters' hooks
+during backward instead:
+
+    hook of a bucket's last gradient -> StepEngine.grad_ready -> that bucket's launch
+    AdamL.step -> StepEngine.release_step    the buckets still pending, the skip count
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 
 from . import loss as losses, plan as planning
 from .fast_path import FALLBACK, FastPath
+from .grad_release import NO_LOSS, GradientRelease
 from .hyperparams import Hyperparams
 from .loss import PendingLoss
 from .precision import Precision
@@ -28,7 +35,10 @@ from .precision import Precision
 class StepEngine:
     """The runtime of one optimizer's steps (see the module docstring)."""
 
-    def __init__(self, backend: str, loss_group, precision: Precision):
+    def __init__(self, backend: str, loss_group, precision: Precision,
+                 release: GradientRelease | None = None):
+        self.release = release  # None: the ordinary step
+        self.release_skips: torch.Tensor | None = None  # a launch's own skip count, unused
         self.backend = backend
         self.loss_group = loss_group
         self.precision = precision
@@ -48,6 +58,8 @@ class StepEngine:
         self.planned_state = None  # the state (and its version) the plans were made from
         self.planned_state_version = -1
         self.fast: FastPath | None = None
+        if self.release is not None:
+            self.release.forget_plans()
 
     def set_precision(self, precision: Precision) -> None:
         self.precision = precision
@@ -56,9 +68,20 @@ class StepEngine:
     # ----------------------------------------------------------------------------- loss
 
     def add_loss(self, loss) -> None:
+        if self.release is not None and self.release.inputs is not None:
+            raise RuntimeError(
+                "gradient release: this step's buckets already stepped with the loss "
+                "registered before; call opt.step() before registering the next step's loss")
         self.pending.add(loss)
 
     def drop_pending(self) -> None:
+        release = self.release
+        if release is not None:
+            if release.inputs is not None:
+                raise RuntimeError(
+                    "gradient release: buckets of this step were already updated during "
+                    "backward; call opt.step() to finish the step before zero_grad()")
+            release.end_step()
         self.pending.take()
 
     def step_loss(self, loss, group, device: torch.device) -> torch.Tensor:
@@ -139,6 +162,115 @@ class StepEngine:
         finally:
             self._release_grads()
         return loss
+
+    # ----------------------------------------------------------------- gradient release
+
+    @torch.no_grad()
+    def grad_ready(self, p, groups, state) -> None:
+        """p's gradient of this backward is complete (its post-accumulate-grad hook): count it,
+        and launch its bucket if that completes it."""
+        release = self.release
+        if release.accumulating:
+            return
+        if not release.in_progress:  # the step's first gradient: nothing has changed yet
+            if self.pending.total is None:
+                raise RuntimeError(NO_LOSS)
+            _refuse_distributed(self.loss_group)
+            release.partition(groups)
+            release.in_progress = True
+        if not release.backward_end_queued:  # at its end, the buckets it left incomplete
+            release.backward_end_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self._backward_ended(groups, state))
+        bucket = release.arrived(p)
+        if bucket is None:
+            return
+        if bucket.fast is not None and release.launch_fast(
+                bucket, groups[bucket.group], state, self._release_inputs(groups, state),
+                self.release_skips):
+            return
+        checked = release.check(bucket, state, self.backend, self.precision)
+        self._launch_released(bucket, checked, groups, state)
+
+    @torch.no_grad()
+    def _backward_ended(self, groups, state) -> None:
+        """Launch the buckets some of whose parameters got no gradient in this backward (as
+        the ordinary step, those are not updated), so that no gradient outlives backward."""
+        release = self.release
+        release.backward_end_queued = False
+        incomplete = [b for b in release.incomplete() if b.fast is None or not release.launch_fast(
+            b, groups[b.group], state, self._release_inputs(groups, state), self.release_skips)]
+        checked = [(b, release.check(b, state, self.backend, self.precision))
+                   for b in incomplete]  # checked before any of them changes
+        for bucket, bucket_checked in checked:
+            self._launch_released(bucket, bucket_checked, groups, state)
+
+    @torch.no_grad()
+    def release_step(self, groups, state, loss, closure, grad_scale, found_inf):
+        """step() under gradient release: launch the buckets still pending (their parameters
+        that have a gradient), count the skip and end the step."""
+        release = self.release
+        if closure is not None or callable(loss):
+            raise RuntimeError(
+                "gradient release does not take a closure: the buckets step during backward; "
+                "call opt.add_loss(loss), loss.backward(), opt.step()")
+        if loss is not None:
+            raise RuntimeError(
+                "gradient release takes the loss before backward: call opt.add_loss(loss) "
+                "before loss.backward(), then opt.step() without a loss")
+        if grad_scale is not None or found_inf is not None:
+            raise RuntimeError(
+                "gradient release cannot be combined with torch.amp.GradScaler: found_inf is "
+                "known only once every gradient exists, after the buckets stepped")
+        _refuse_distributed(self.loss_group)
+        release.partition(groups)
+        pending = [(b, release.check(b, state, self.backend, self.precision))
+                   for b in release.pending()]  # checked before anything changes
+        with_grads = [(b, checked) for b, checked in pending if checked[0]]
+        loss = self.pending.total
+        if release.inputs is None:
+            if not with_grads:  # no gradient anywhere: nothing to do, as the ordinary step
+                self.drop_pending()
+                return loss
+            if loss is None:
+                if _every_lr_is_zero(groups):  # (see general_step)
+                    release.end_step()
+                    result = self.general_step(groups, state, None, None, None)
+                    self.invalidate()
+                    return result
+                raise RuntimeError(NO_LOSS)
+        for bucket, checked in with_grads:
+            self._launch_released(bucket, checked, groups, state)
+        self._count_skip(release.inputs.take, groups)
+        self.taken = release.inputs.take
+        self.pending.take()
+        release.end_step()
+        return loss
+
+    def _launch_released(self, bucket, checked, groups, state) -> None:
+        """Launch a checked bucket (f_1 recorded first, if this step is the first taken)."""
+        inputs = self._release_inputs(groups, state)
+        losses.record_initial_loss(inputs.initial_loss, inputs.loss, inputs.take)
+        self.release.launch(bucket, checked, groups[bucket.group], state, self.packed,
+                            self.precision, inputs, lambda st: self.share_scalars(st, groups))
+
+    def _release_inputs(self, groups, state) -> losses.StepInputs:
+        """What every launch of this step reads (made at its first launch): the loss, the skip
+        decision, f_1. The launches record f_1 (the fast one in its prologue)."""
+        release = self.release
+        if release.inputs is None:
+            self._forget_scalars_of_a_reset_state(state)
+            device = self.home_device(groups)
+            if self.initial_loss is None:
+                self.initial_loss = losses.new_initial_loss(device)
+            if self.skipped is None:
+                self.skipped = torch.zeros((), dtype=torch.float64, device=device)
+            if self.release_skips is None or self.release_skips.device != device:
+                self.release_skips = torch.zeros((), dtype=torch.float64, device=device)
+            loss_t = self.step_loss(self.pending.total, None, self.initial_loss.device)
+            release.inputs = losses.StepInputs(loss_t, losses.decide_take(loss_t, None), None,
+                                               self.initial_loss)
+        return release.inputs
 
     # ----------------------------------------------------------------------------- plans
 
@@ -228,6 +360,15 @@ class StepEngine:
             self.skipped += 1
         else:  # skipped += 1 - take, in place on the device
             self.skipped.sub_(losses.move(take, self.skipped.device)).add_(1)
+
+
+def _refuse_distributed(loss_group) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            "gradient release under torch.distributed (DDP, FSDP2) is not supported yet: the "
+            "buckets would step before their gradients are reduced; use gradient_release=False")
 
 
 def _active(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from functools import partial
 from itertools import chain
 
 import torch
@@ -13,6 +16,7 @@ import torch.optim.optimizer as _optim_module
 from . import backends
 from .engine import StepEngine
 from .fast_path import FALLBACK
+from .grad_release import DEFAULT_BUCKET_CAP_MB, GradientRelease, ReleaseHooks, check_bucket_cap
 from .hyperparams import DEFAULTS, validate_group
 from .precision import MASTER_KEY, Precision
 from .state import TrackedState, first_value, import_param_state, saved_scalar
@@ -50,6 +54,13 @@ class AdamL(torch.optim.Optimizer):
             "master_param"); the step updates the copy and writes the rounded parameter.
         state_dtype: the moments' dtype, None (float32) or torch.bfloat16 (half the memory).
         seed: the seed of stochastic rounding's random bits (saved with the state).
+        gradient_release: step each bucket during backward, as soon as all of its gradients
+            are complete, and free those gradients (docs/gradient_release.md): call
+            ``opt.add_loss(loss)`` before ``loss.backward()``, then ``opt.step()``; accumulation
+            micro-batches run inside ``with opt.no_release():``.
+        bucket_cap_mb: under gradient_release, the most gradient bytes (MiB) of one bucket, and
+            so about how many gradients are alive at once (default 25; a larger tensor gets a
+            bucket of its own).
 
     State: per parameter, torch.optim.Adam's ``step``, ``exp_avg`` and ``exp_avg_sq`` (views of
     flat per-bucket buffers; modify them in place or through load_state_dict),
@@ -84,9 +95,23 @@ class AdamL(torch.optim.Optimizer):
         master_weights: bool = False,
         state_dtype: torch.dtype | None = None,
         seed: int = 0,
+        gradient_release: bool = False,
+        bucket_cap_mb: float | None = None,
     ):
         backends.check_name(backend)
         precision = Precision(stochastic_rounding, master_weights, state_dtype, seed)
+        if not isinstance(gradient_release, bool):
+            raise ValueError(f"Invalid gradient_release: {gradient_release!r} (must be a bool)")
+        if bucket_cap_mb is not None and not gradient_release:
+            raise ValueError("bucket_cap_mb sizes gradient release's buckets: it needs "
+                             "gradient_release=True")
+        if gradient_release and amp_scaling is False:
+            raise ValueError(
+                "gradient_release=True cannot be combined with amp_scaling=False: GradScaler "
+                "unscales and checks the gradients after backward, once the buckets have "
+                "stepped and freed them")
+        release_cap = None if not gradient_release else check_bucket_cap(
+            DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -101,7 +126,9 @@ class AdamL(torch.optim.Optimizer):
         )
         validate_group(defaults)
         self.amp_scaling = amp_scaling
-        self.engine = StepEngine(backend, loss_group, precision)
+        self._release_hooks = None if release_cap is None else _new_hooks(self)
+        self.engine = StepEngine(backend, loss_group, precision, _release(
+            release_cap, self._release_hooks))
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------- settings
@@ -128,7 +155,28 @@ class AdamL(torch.optim.Optimizer):
     def amp_scaling(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"Invalid amp_scaling: {value!r} (must be a bool)")
+        if not value and self.__dict__.get("_release_hooks") is not None:
+            raise ValueError("amp_scaling=False cannot be combined with gradient release "
+                             "(see AdamL's gradient_release)")
         self._step_supports_amp_scaling = value  # read by torch.amp.GradScaler
+
+    @property
+    def gradient_release(self) -> bool:
+        return self.engine.release is not None
+
+    @property
+    def bucket_cap_mb(self) -> float | None:
+        """Gradient release's bucket size in MiB of gradient (None without gradient release)."""
+        release = self.engine.release
+        return None if release is None else release.bucket_cap_mb
+
+    def no_release(self) -> AbstractContextManager:
+        """Under gradient release, backward passes inside this context only accumulate their
+        gradients (accumulation micro-batches); register each one's loss with add_loss, as
+        always. The backward after it steps the buckets, with the sum of the losses."""
+        if self.engine.release is None:
+            raise RuntimeError("no_release() needs AdamL(..., gradient_release=True)")
+        return self.engine.release.no_release()
 
     @property
     def state(self) -> TrackedState:
@@ -153,6 +201,8 @@ class AdamL(torch.optim.Optimizer):
         for p in params:
             check_param(p[1] if isinstance(p, tuple) else p)
         super().add_param_group(group)
+        if self.__dict__.get("_release_hooks") is not None:
+            self._release_hooks.add(group["params"])
         self.engine.invalidate()
 
     def __getstate__(self) -> dict:
@@ -167,6 +217,7 @@ class AdamL(torch.optim.Optimizer):
             "precision": engine.precision,
             "_skipped": engine.skipped,
             "_initial_loss": engine.initial_loss,
+            "_bucket_cap_mb": None if engine.release is None else engine.release.bucket_cap_mb,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -174,12 +225,13 @@ class AdamL(torch.optim.Optimizer):
         # load_state_dict (with state and param_groups only: the settings stay as they are).
         state = dict(state)
         engine = self.__dict__.get("engine")
-        current = ("auto", "world", Precision(), None, None, True) if engine is None else (
-            engine.backend, engine.loss_group, engine.precision, engine.skipped,
-            engine.initial_loss, self._step_supports_amp_scaling)
+        current = ("auto", "world", Precision(), None, None, True, None) if engine is None \
+            else (engine.backend, engine.loss_group, engine.precision, engine.skipped,
+                  engine.initial_loss, self._step_supports_amp_scaling,
+                  None if engine.release is None else engine.release.bucket_cap_mb)
         saved = {key: state.pop(key, default) for key, default in zip(
             ("backend", "loss_group", "precision", "_skipped", "_initial_loss",
-             "_step_supports_amp_scaling"), current)}
+             "_step_supports_amp_scaling", "_bucket_cap_mb"), current)}
         tracked = state.pop("state", None)
         super().__setstate__(state)
         self.state = {} if tracked is None else tracked
@@ -189,7 +241,16 @@ class AdamL(torch.optim.Optimizer):
             for key in DEFAULTS:
                 group.setdefault(key, self.defaults[key])
         self._step_supports_amp_scaling = saved["_step_supports_amp_scaling"]
-        self.engine = StepEngine(saved["backend"], saved["loss_group"], saved["precision"])
+        release_cap = saved["_bucket_cap_mb"]
+        if release_cap is not None and self.__dict__.get("_release_hooks") is None:
+            # a copy (deepcopy, unpickling): its own parameters get hooks
+            self._release_hooks = _new_hooks(self)
+            for group in self.param_groups:
+                self._release_hooks.add(group["params"])
+        elif release_cap is None:
+            self._release_hooks = None
+        self.engine = StepEngine(saved["backend"], saved["loss_group"], saved["precision"],
+                                 _release(release_cap, self._release_hooks))
         self.engine.load_scalars(saved["_initial_loss"], saved["_skipped"])
 
     def state_dict(self) -> dict:
@@ -351,6 +412,10 @@ class AdamL(torch.optim.Optimizer):
 
     def _step(self, loss=None, closure: Callable | None = None):
         engine = self.engine
+        if engine.release is not None:
+            return engine.release_step(self.param_groups, self.state, loss, closure,
+                                       getattr(self, "grad_scale", None),
+                                       getattr(self, "found_inf", None))
         if engine.fast is not None and closure is None and not callable(loss) \
                 and not torch.compiler.is_compiling():
             result = engine.fast_step(self.param_groups, self.state, loss,
@@ -378,3 +443,18 @@ class AdamL(torch.optim.Optimizer):
         return self.engine.general_step(self.param_groups, self.state, loss,
                                         getattr(self, "grad_scale", None),
                                         getattr(self, "found_inf", None))
+
+
+def _grad_ready(optimizer_ref, p) -> None:
+    """A parameter's gradient of this backward is complete (gradient release)."""
+    optimizer = optimizer_ref()
+    if optimizer is not None:
+        optimizer.engine.grad_ready(p, optimizer.param_groups, optimizer.state)
+
+
+def _new_hooks(optimizer: AdamL) -> ReleaseHooks:
+    return ReleaseHooks(partial(_grad_ready, weakref.ref(optimizer)))
+
+
+def _release(bucket_cap_mb: float | None, hooks: ReleaseHooks | None) -> GradientRelease | None:
+    return None if bucket_cap_mb is None else GradientRelease(bucket_cap_mb, hooks)
