@@ -48,11 +48,14 @@ class AdamL(torch.optim.Optimizer):
             False: GradScaler unscales the gradients itself and skips steps with inf/NaN
             gradients before step() is called, as for any optimizer; for loops and frameworks
             that must see unscaled gradients themselves (e.g. to clip them).
-        stochastic_rounding: round what is stored as bf16 (bf16 parameters, bf16 moments)
-            stochastically, so that updates below half an ulp still move it on average.
+        stochastic_rounding: round what is stored as bf16 (bf16 parameters, bf16 moments) or
+            as 8-bit codes stochastically, so that updates below half an ulp (or half a code
+            step) still move it on average.
         master_weights: keep a float32 copy of each fp16/bf16 parameter (state key
             "master_param"); the step updates the copy and writes the rounded parameter.
-        state_dtype: the moments' dtype, None (float32) or torch.bfloat16 (half the memory).
+        state_dtype: the moments' dtype, None (float32), torch.bfloat16 (half the memory) or
+            torch.uint8 (8-bit block-quantized moments, about a quarter; use them with
+            stochastic_rounding=True, docs/low_precision.md).
         seed: the seed of stochastic rounding's random bits (saved with the state).
         gradient_release: step each bucket during backward, as soon as all of its gradients
             are complete, and free those gradients (docs/gradient_release.md): call
