@@ -25,13 +25,15 @@ FLOATS = ("lr", "beta1", "one_minus_beta1", "log_beta1", "beta2", "one_minus_bet
 INTS = ("seed_lo", "seed_hi")
 
 
-def compile_variant(arch, param, aligned, features):
+def compile_variant(arch, param, aligned, features, moment=None):
     # features on: every switch, and the low-precision modes (bf16 moments, stochastic rounding;
-    # float32 gradients and master weights for half params).
+    # float32 gradients and master weights for half params). `moment`: another moment dtype.
     half = param in (tl.float16, tl.bfloat16)
+    if moment is None:
+        moment = tl.bfloat16 if features else tl.float32
     constexprs = dict(
         PARAM=param, GRAD=tl.float32 if features else param,
-        MOMENT=tl.bfloat16 if features else tl.float32, MASTER=features and half, SR=features,
+        MOMENT=moment, MASTER=features and half, SR=features,
         NORMALIZE=features, MAXIMIZE=features, DECAY_MODE=1 if features else 0,
         LR_IS_TENSOR=features, HAS_GRAD_SCALE=features, ALIGNED=aligned, CHUNK=CHUNK,
         COLUMNS=TABLE_COLUMNS, L_MIN=L_MIN,
@@ -57,6 +59,12 @@ def main():
         features = aligned
         results.append(dict(arch=arch, dtype=name, aligned=aligned, features=features,
                             accesses=compile_variant(arch, param, aligned, features)))
+    for arch, (name, param), features in itertools.product(
+        arches, [("float32", tl.float32), ("bfloat16", tl.bfloat16)], [False, True]):
+        # 8-bit moments: rounded to nearest with no switch on, stochastically with all on.
+        results.append(dict(arch=arch, dtype=name, aligned=True, features=features,
+                            moment="uint8", accesses=compile_variant(
+                                arch, param, True, features, tl.uint8)))
     print(json.dumps(results))
 
 

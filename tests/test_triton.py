@@ -32,8 +32,11 @@ def test_kernel_compiles_for_gpus_with_vector_accesses():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     variants = json.loads(out.stdout)
-    assert len(variants) == 12
+    assert len(variants) == 12 + 8  # and 8-bit moments' variants, which only must compile
     for v in variants:
+        if v.get("moment") == "uint8":
+            assert v["accesses"], v
+            continue
         vector = {"ld.global.v4.b32", "st.global.v4.b32"} <= set(v["accesses"])
         assert vector == v["aligned"], v
 
