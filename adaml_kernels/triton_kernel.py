@@ -152,6 +152,30 @@ def _element_bits(offs, key, index_base, SR: tl.constexpr):
 
 
 @triton.jit
+def _exp_avg_sq_bits(bits):
+    """adaml_update.h exp_avg_sq_bits(): another 32 random bits from an element's."""
+    return _mix32(bits ^ SQ_STREAM)
+
+
+@triton.jit
+def _load_param(p_ptr, x_ptr, offs, mask, MASTER: tl.constexpr):
+    """The parameters the update reads, in float32: the master weights under MASTER."""
+    if MASTER:
+        return tl.load(x_ptr + offs, mask=mask)
+    else:
+        return tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _store_param(p, bits, p_ptr, x_ptr, offs, mask, PARAM: tl.constexpr,
+                 MASTER: tl.constexpr, SR: tl.constexpr):
+    """Store the updated parameters (and master weights under MASTER), rounded once."""
+    if MASTER:
+        tl.store(x_ptr + offs, p, mask=mask)
+    tl.store(p_ptr + offs, _store_as(p, bits, PARAM, SR), mask=mask)
+
+
+@triton.jit
 def _update_chunk(
     p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, mask, grad_scale,
     beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
@@ -160,10 +184,7 @@ def _update_chunk(
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
 ):
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    if MASTER:
-        p = tl.load(x_ptr + offs, mask=mask)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    p = _load_param(p_ptr, x_ptr, offs, mask, MASTER)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     p, m, w = _update_values(
@@ -171,13 +192,11 @@ def _update_chunk(
         coef_eps, step_size, weight_decay, decay, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
     )
     bits = _element_bits(offs, key, index_base, SR)
-    if MASTER:
-        tl.store(x_ptr + offs, p, mask=mask)
-    tl.store(p_ptr + offs, _store_as(p, bits, PARAM, SR), mask=mask)
+    _store_param(p, bits, p_ptr, x_ptr, offs, mask, PARAM, MASTER, SR)
     tl.store(m_ptr + offs, _store_moment(m, bits >> 16, MOMENT, SR), mask=mask)
     w_bits = bits
     if SR:
-        w_bits = _mix32(bits ^ SQ_STREAM)
+        w_bits = _exp_avg_sq_bits(bits)
     tl.store(w_ptr + offs, _store_moment(w, w_bits, MOMENT, SR), mask=mask)
 
 
@@ -195,10 +214,7 @@ def _update_chunk_8bit(
     from its new values; under SR the codes round stochastically (adaml_quant8.h
     exp_avg_code_bits, exp_avg_sq_code_bits) and a bf16 param as in _update_chunk."""
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    if MASTER:
-        p = tl.load(x_ptr + offs, mask=mask)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    p = _load_param(p_ptr, x_ptr, offs, mask, MASTER)
     m = load_blocks(m_ptr, m_scale_ptr, offs, mask, block_mask, EXP_AVG_MAP)
     w = load_blocks(w_ptr, w_scale_ptr, offs, mask, block_mask, EXP_AVG_SQ_MAP)
     p, m, w = _update_values(
@@ -206,15 +222,13 @@ def _update_chunk_8bit(
         coef_eps, step_size, weight_decay, decay, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
     )
     bits = _element_bits(offs, key, index_base, SR)
-    if MASTER:
-        tl.store(x_ptr + offs, p, mask=mask)
-    tl.store(p_ptr + offs, _store_as(p, bits, PARAM, SR), mask=mask)
+    _store_param(p, bits, p_ptr, x_ptr, offs, mask, PARAM, MASTER, SR)
     m_random = None
     w_random = None
     if SR:
-        sq = _mix32(bits ^ SQ_STREAM)
+        sq = _exp_avg_sq_bits(bits)
         m_random = (sq >> 12).to(tl.int32)
-        w_random = (_mix32(sq ^ SQ_STREAM) >> 12).to(tl.int32)
+        w_random = (_exp_avg_sq_bits(sq) >> 12).to(tl.int32)
     store_blocks(m, m_ptr, m_scale_ptr, offs, mask, block_mask, m_random, EXP_AVG_MAP)
     store_blocks(w, w_ptr, w_scale_ptr, offs, mask, block_mask, w_random, EXP_AVG_SQ_MAP)
 
