@@ -25,7 +25,8 @@ from .hyperparams import Hyperparams
 from .loss import StepInputs
 from .precision import MASTER_KEY, Precision
 from .tensor_checks import (
-    check_grad, check_kernel_layout, check_param, is_dtensor, local, same_layout,
+    check_grad, check_kernel_layout, check_param, is_dtensor, like_shard_of, local, same_layout,
+    shard_of,
 )
 
 # Each parameter's moments start on a 64-byte boundary of the flat buffer.
@@ -344,11 +345,11 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
                 codes, scale = views.pop(name), scales.view(name, i)
                 source, source_scale = st.get(name), st.get(key)
                 if source is not None:
-                    source = _local_part(source, p)
+                    source = shard_of(source, p)
                 if source_scale is not None:
                     source_scale = quant8_dtensor.local_scales(source_scale, p)
                 quant8.fill(codes, scale, source, source_scale, name)
-                st[name] = _like_param(codes, p)
+                st[name] = like_shard_of(codes, p)
                 st[key] = quant8_dtensor.scales_like_param(scale, p)
         else:  # 8-bit moments laid out in a float dtype: decoded, then copied below
             for name, key in quant8.SCALE_KEYS.items():
@@ -356,30 +357,5 @@ def pack(members: list[torch.Tensor], state, low: Precision = DEFAULT_PRECISION)
                     st[name] = quant8_dtensor.decode_moment(st[name], st.pop(key), name)
         for name, view in views.items():
             if name in st:
-                view.copy_(_local_part(st[name], p) if name != "step" else st[name])
-            st[name] = view if name == "step" else _like_param(view, p)
-
-
-def _like_param(view: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A state tensor of p: for a DTensor parameter, a DTensor with p's mesh, placements, global
-    shape and stride whose local tensor is `view` (so that DCP can reshard it)."""
-    if not is_dtensor(p):
-        return view
-    return type(p).from_local(view, p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
-
-
-def _local_part(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The part of a saved state tensor that p's local shard holds."""
-    if not is_dtensor(p):
-        return local(value) if not is_dtensor(value) else value.full_tensor()
-    if is_dtensor(value):
-        if value.placements != p.placements or value.device_mesh != p.device_mesh:
-            value = value.redistribute(p.device_mesh, p.placements)
-        return local(value)
-    # A whole (unsharded) tensor, e.g. from a one-process checkpoint: slice out this shard.
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
-    return value[index]
+                view.copy_(shard_of(st[name], p) if name != "step" else st[name])
+            st[name] = view if name == "step" else like_shard_of(view, p)

@@ -18,7 +18,7 @@ import torch
 
 from . import quant8
 from .layout import QUANT_BLOCK
-from .tensor_checks import is_dtensor, local
+from .tensor_checks import like_shard_of, local, shard_of
 
 
 def check_sharding(p: torch.Tensor) -> None:
@@ -48,34 +48,17 @@ def check_sharding(p: torch.Tensor) -> None:
 def scales_like_param(scale: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A shard's block scales as p's state holds them: for a DTensor p, the DTensor of the whole
     parameter's num_blocks(p.numel()) scales with p's mesh and placements."""
-    if not is_dtensor(p):
-        return scale
-    blocks = quant8.num_blocks(p.numel())
-    return type(p).from_local(scale, p.device_mesh, p.placements, run_check=False,
-                              shape=torch.Size([blocks]), stride=(1,))
+    return like_shard_of(scale, p, (quant8.num_blocks(p.numel()),), (1,))
 
 
 def local_scales(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The part of saved block scales (a DTensor, or the whole parameter's) that p's shard
     holds."""
-    if not is_dtensor(p):
-        return value.full_tensor() if is_dtensor(value) else value
-    if is_dtensor(value):
-        if value.placements != p.placements or value.device_mesh != p.device_mesh:
-            value = value.redistribute(p.device_mesh, p.placements)
-        return local(value)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(
-        torch.Size([quant8.num_blocks(p.numel())]), p.device_mesh, p.placements)
-    return value[offset[0]:offset[0] + shape[0]]
+    return shard_of(value, p, (quant8.num_blocks(p.numel()),))
 
 
 def decode_moment(codes: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
     """quant8.decode_moment of codes and scales that may be DTensors (laid out alike, as AdamL
     saves them): each shard decoded on its own, as a DTensor like the codes."""
-    if not is_dtensor(codes):
-        return quant8.decode_moment(codes, local_scales(scale, codes), name)
     values = quant8.decode_moment(local(codes), local_scales(scale, codes), name)
-    return type(codes).from_local(values, codes.device_mesh, codes.placements, run_check=False,
-                                  shape=codes.shape, stride=codes.stride())
+    return like_shard_of(values, codes)

@@ -12,7 +12,7 @@ import torch
 from . import quant8, quant8_dtensor
 from .buckets import moment_dtype
 from .precision import MASTER_KEY
-from .tensor_checks import is_dtensor, local
+from .tensor_checks import is_dtensor
 
 
 class TrackedState(defaultdict):

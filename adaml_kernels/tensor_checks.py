@@ -1,4 +1,5 @@
-"""Checks of parameters and gradients: what AdamL accepts, and what the fused kernels can walk."""
+"""Checks of parameters and gradients: what AdamL accepts, and what the fused kernels can walk;
+and a DTensor parameter's shard of its state tensors (local, shard_of, like_shard_of)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,35 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor the kernels update: a DTensor's local shard (its own storage, the attribute
     FSDP2 itself uses; to_local() would make a new view at every call), else t itself."""
     return t._local_tensor if is_dtensor(t) else t
+
+
+def like_shard_of(view: torch.Tensor, p: torch.Tensor, shape=None, stride=None) -> torch.Tensor:
+    """`view`, a shard of a state tensor laid out with p's mesh and placements: for a DTensor
+    p, the DTensor of global `shape` and `stride` (p's by default) whose local tensor is `view`
+    (so that DCP can reshard it); else `view` itself."""
+    if not is_dtensor(p):
+        return view
+    return type(p).from_local(view, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape if shape is None else torch.Size(shape),
+                              stride=p.stride() if stride is None else stride)
+
+
+def shard_of(value: torch.Tensor, p: torch.Tensor, shape=None) -> torch.Tensor:
+    """The part that p's shard holds of a saved tensor laid out with p's mesh and placements,
+    of global `shape` (p's by default): a DTensor's local tensor, redistributed to p's
+    placements first if need be, or a slice of a whole (unsharded) tensor, e.g. from a
+    one-process checkpoint."""
+    if not is_dtensor(p):
+        return local(value) if not is_dtensor(value) else value.full_tensor()
+    if is_dtensor(value):
+        if value.placements != p.placements or value.device_mesh != p.device_mesh:
+            value = value.redistribute(p.device_mesh, p.placements)
+        return local(value)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        p.shape if shape is None else torch.Size(shape), p.device_mesh, p.placements)
+    return value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
 def check_param(p: torch.Tensor, what: str = "parameter") -> None:
