@@ -481,17 +481,15 @@ ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, in
           Cfg::kSR ? plan.keys[t] : 0u,
           static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
           plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
-      c = last;
-      continue;
     } else {
-    update_span<Cfg, kScale>(
-        reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
-        reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
-        reinterpret_cast<typename Cfg::M*>(row[kExpAvgAddr]) + begin,
-        reinterpret_cast<typename Cfg::M*>(row[kExpAvgSqAddr]) + begin, master, end - begin,
-        Cfg::kSR ? plan.keys[t] : 0u,
-        static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
-        plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
+      update_span<Cfg, kScale>(
+          reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
+          reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
+          reinterpret_cast<typename Cfg::M*>(row[kExpAvgAddr]) + begin,
+          reinterpret_cast<typename Cfg::M*>(row[kExpAvgSqAddr]) + begin, master, end - begin,
+          Cfg::kSR ? plan.keys[t] : 0u,
+          static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
+          plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
     }
     c = last;
   }
