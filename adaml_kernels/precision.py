@@ -53,12 +53,13 @@ class Precision:
     def has_master(self, param_dtype: torch.dtype) -> bool:
         return self.master_weights and param_dtype in HALF
 
-    def rounds_stochastically(self, param_dtype: torch.dtype, moment: torch.dtype) -> bool:
-        """Whether a tensor's bucket draws random bits: something is stored as bf16 or as
-        8-bit codes."""
-        return self.stochastic_rounding and (
-            torch.bfloat16 in (param_dtype, moment) or moment == torch.uint8)
 
+def rounds_stochastically(stochastic_rounding: bool, param_dtype: torch.dtype,
+                          moment: torch.dtype) -> bool:
+    """Whether a bucket draws random bits: under stochastic rounding, something of it is stored
+    as bf16 or as 8-bit codes (the C++ kernels decide alike, adaml_update.h dispatch_config)."""
+    return stochastic_rounding and (
+        torch.bfloat16 in (param_dtype, moment) or moment == torch.uint8)
 
 
 def validate_precision(stochastic_rounding, master_weights, state_dtype, seed) -> None:

@@ -33,8 +33,8 @@ def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
     scales = bucket.moment_scales or [None] * (2 * n)
     for i, p in enumerate(bucket.params):
         bits = None
-        if bucket.stochastic_rounding and (torch.bfloat16 in (p.dtype, bucket.exp_avgs[i].dtype)
-                                           or bucket.exp_avgs[i].dtype == torch.uint8):
+        if precision.rounds_stochastically(bucket.stochastic_rounding, p.dtype,
+                                           bucket.exp_avgs[i].dtype):
             key = precision.tensor_key(bucket.seed, bucket.steps[i], bucket.param_indices[i])
             index = precision.element_index(p, bucket.element_offsets[i])
             bits = precision.element_bits(key, index)

@@ -30,6 +30,7 @@ from .hyperparams import Hyperparams
 from .layout import (CHUNK, L_MIN, MIX_1 as _MIX_1, MIX_2 as _MIX_2, SEED_SALT as _SEED_SALT,
                      SQ_STREAM as _SQ_STREAM, DTYPE_CODES, TABLE_COLUMNS, Column, Config, Hyper)
 from .loss import StepInputs
+from .precision import rounds_stochastically
 from .quant8 import num_blocks
 from .triton_quant8 import EXP_AVG_MAP, EXP_AVG_SQ_MAP, QUANT_BLOCK, load_blocks, store_blocks
 
@@ -429,8 +430,7 @@ def triton_step_(
     else:
         decay_mode = (DECOUPLED_DECAY if h.decoupled_weight_decay else L2_DECAY).value
     moment = exp_avgs[0].dtype
-    sr = bool(cfg.stochastic_rounding) and (torch.bfloat16 in (params[0].dtype, moment)
-                                            or moment == torch.uint8)
+    sr = rounds_stochastically(bool(cfg.stochastic_rounding), params[0].dtype, moment)
     seed_bits = cfg.seed & ((1 << 64) - 1)
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
