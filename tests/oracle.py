@@ -177,9 +177,8 @@ class Oracle:
             if st.moments == "uint8":  # 8-bit moments: the step used the values before this
                 m_random = w_random = None
                 if bits is not None:  # the codes' random bits (20 each): see code_bits
-                    sq = _mix32(bits ^ np.uint64(0x6A09E667))
-                    m_random = sq >> np.uint64(12)
-                    w_random = _mix32(sq ^ np.uint64(0x6A09E667)) >> np.uint64(12)
+                    m_random = w_bits >> np.uint64(12)
+                    w_random = _mix32(w_bits ^ np.uint64(0x6A09E667)) >> np.uint64(12)
                 st.m = quantize_8bit(m, signed=True, random=m_random)
                 st.w = quantize_8bit(w, signed=False, random=w_random)
                 continue
