@@ -3,7 +3,7 @@
 DDP all-reduces its buckets after autograd has called the parameters' post-accumulate-grad
 hooks, so those hooks see unreduced gradients. Under DDP a release bucket therefore steps
 from DDP's communication hook instead (docs/gradient_release.md, DDP): the hook all-reduces
-each DDP bucket as DDP's default one does (divided by the world size, then summed), waits on
+each DDP bucket as DDP's default one does (times 1 / world size, then summed), waits on
 it (under NCCL a stream dependency, the host goes on; under gloo the host waits), and hands the
 reduced gradients to the optimizer. DDP's reducer is told that an optimizer ran in backward (the
 mode torch.distributed.optim's _apply_optimizer_in_backward uses), so that at the end of
@@ -58,7 +58,9 @@ def register(ddp_model, reduced: Callable[[list, list], bool]) -> None:
 
     def adaml_release_hook(state, bucket):
         buffer = bucket.buffer()
-        buffer.div_(world)  # as DDP's default reduction: the mean, divided before the sum
+        # As DDP's default reduction, bit for bit: each rank's gradient times 1 / world (a
+        # float32 multiplier: dividing instead differs in the last bit), then summed.
+        buffer.mul_(1.0 / world)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True).wait()
         params, grads = bucket.parameters(), bucket.gradients()
         if not reduced(params, grads):

@@ -11,6 +11,7 @@ All ranks run in one spawn (the module fixture); the tests compare what they sav
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -31,19 +32,39 @@ CAP_MB = 0.002  # about 2 kB of gradient a release bucket: several in the model 
 # (step, micro-batches, rank whose loss is NaN at that step)
 STEPS = [(0, 1, None), (1, 1, None), (2, 1, 1), (3, 2, None), (4, 1, None)]
 
-# name -> (parameter dtype, AdamL options, DDP options)
+
+
+def ddp_no_sync(model):
+    return model.no_sync()
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# name -> (parameter dtype, AdamL options, DDP options, how: see train_pair)
 DDP_MODES = {
+    "fp32": (torch.float32, {}, {}, {}),
+    "fp32_bucket_view": (torch.float32, {}, dict(gradient_as_bucket_view=True), {}),
+    "fp32_reference": (torch.float32, dict(backend="reference"), {}, {}),
+    "fp32_no_sync": (torch.float32, {}, {}, dict(unsynced=ddp_no_sync)),
+    "fp32_loss_in_two_parts": (torch.float32, {}, {}, dict(split=True)),
+    "bf16_moments": (torch.float32, dict(state_dtype=BF16), {}, {}),
+    "bf16_master_sr": (BF16, dict(master_weights=True, stochastic_rounding=True, seed=3), {},
+                       {}),
+}
+# name -> (parameter dtype, AdamL options, how)
+FSDP_MODES = {
     "fp32": (torch.float32, {}, {}),
-    "fp32_bucket_view": (torch.float32, {}, dict(gradient_as_bucket_view=True)),
     "fp32_reference": (torch.float32, dict(backend="reference"), {}),
+    "fp32_no_gradient_sync": (torch.float32, {}, dict(unsynced=fsdp_no_sync)),
     "bf16_moments": (torch.float32, dict(state_dtype=BF16), {}),
     "bf16_master_sr": (BF16, dict(master_weights=True, stochastic_rounding=True, seed=3), {}),
-}
-FSDP_MODES = {
-    "fp32": (torch.float32, {}),
-    "fp32_reference": (torch.float32, dict(backend="reference")),
-    "bf16_moments": (torch.float32, dict(state_dtype=BF16)),
-    "bf16_master_sr": (BF16, dict(master_weights=True, stochastic_rounding=True, seed=3)),
 }
 
 
@@ -66,25 +87,37 @@ def loss_of(model, rank, step, micro, dtype, nan_rank):
     return loss * math.nan if rank == nan_rank else loss
 
 
-def ordinary_step(model, opt, rank, step, micro_batches, nan_rank, dtype):
+def loss_parts(model, rank, step, micro, dtype, nan_rank, split):
+    """The loss, or with `split` the loss as two parts registered one by one (each add_loss
+    outside no_release() starts an all-reduce of the sum so far)."""
+    loss = loss_of(model, rank, step, micro, dtype, nan_rank)
+    return [loss * 0.25, loss * 0.75] if split else [loss]
+
+
+def ordinary_step(model, opt, rank, step, micro_batches, nan_rank, dtype, how):
     for micro in range(micro_batches):
-        loss = loss_of(model, rank, step, micro, dtype, nan_rank)
-        loss.backward()
-        opt.add_loss(loss)
+        quiet = how.get("unsynced") if micro < micro_batches - 1 else None
+        with quiet(model) if quiet else contextlib.nullcontext():
+            parts = loss_parts(model, rank, step, micro, dtype, nan_rank, how.get("split"))
+            sum(parts).backward()
+        for part in parts:
+            opt.add_loss(part)
     opt.step()
     opt.zero_grad()
 
 
-def released_step(model, opt, rank, step, micro_batches, nan_rank, dtype, params):
-    with opt.no_release():
+def released_step(model, opt, rank, step, micro_batches, nan_rank, dtype, params, how):
+    quiet = how.get("unsynced")
+    with opt.no_release(), quiet(model) if quiet else contextlib.nullcontext():
         for micro in range(micro_batches - 1):
             loss = loss_of(model, rank, step, micro, dtype, nan_rank)
             opt.add_loss(loss)
             loss.backward()
-    loss = loss_of(model, rank, step, micro_batches - 1, dtype, nan_rank)
-    opt.add_loss(loss)
+    parts = loss_parts(model, rank, step, micro_batches - 1, dtype, nan_rank, how.get("split"))
+    for part in parts:
+        opt.add_loss(part)
     in_flight = opt.engine.release.loss_average is not None  # started by add_loss
-    loss.backward()
+    sum(parts).backward()
     freed = all(p.grad is None for p in params)
     opt.step()
     opt.zero_grad()
@@ -113,18 +146,20 @@ def saved_run(params, opt) -> dict:
                 f1=float(opt.initial_loss))
 
 
-def train_pair(rank, make, modes_options, dtype):
+def train_pair(rank, make, modes_options, dtype, how=None, steps=STEPS):
     """The ordinary and the released run of one mode: (saved ordinary, saved released,
-    extras)."""
+    extras). `how`: "unsynced", a context (of the model) for all but the last micro-batch, in
+    which DDP or FSDP2 does not reduce; "split", the loss registered in two parts."""
+    how = how or {}
     model, opt = make(gradient_release=False, **modes_options)
-    for step, micro_batches, nan_rank in STEPS:
-        ordinary_step(model, opt, rank, step, micro_batches, nan_rank, dtype)
+    for step, micro_batches, nan_rank in steps:
+        ordinary_step(model, opt, rank, step, micro_batches, nan_rank, dtype, how)
     ordinary = saved_run(list(model.parameters()), opt)
     model, opt = make(gradient_release=True, bucket_cap_mb=CAP_MB, **modes_options)
     params = list(model.parameters())
     initial = [local(p).detach().clone() for p in params]
-    flags = [released_step(model, opt, rank, step, micro_batches, nan_rank, dtype, params)
-             for step, micro_batches, nan_rank in STEPS]
+    flags = [released_step(model, opt, rank, step, micro_batches, nan_rank, dtype, params, how)
+             for step, micro_batches, nan_rank in steps]
     released = saved_run(params, opt)
     extras = dict(loss_started_in_add_loss=all(f[0] for f in flags),
                   grads_freed_by_backward=all(f[1] for f in flags),
@@ -141,7 +176,7 @@ def ddp_runs(rank):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
-    for name, (dtype, options, ddp_options) in DDP_MODES.items():
+    for name, (dtype, options, ddp_options, how) in DDP_MODES.items():
         def make(gradient_release, dtype=dtype, ddp_options=ddp_options, **kwargs):
             model = DDP(mlp(dtype), bucket_cap_mb=0.005, **ddp_options)
             opt = AdamL(model.parameters(), gradient_release=gradient_release, **HYPER, **kwargs)
@@ -149,7 +184,7 @@ def ddp_runs(rank):
                 opt.register_ddp(model)
             return model, opt
 
-        out[name] = train_pair(rank, make, options, dtype)
+        out[name] = train_pair(rank, make, options, dtype, how)
     # A negative control: without loss averaging the ranks' l differ, and so do the results.
     def unaveraged(gradient_release, **kwargs):
         model = DDP(mlp(), bucket_cap_mb=0.005)
@@ -178,13 +213,13 @@ def fsdp_model(dtype):
 
 def fsdp_runs(rank):
     out = {}
-    for name, (dtype, options) in FSDP_MODES.items():
+    for name, (dtype, options, how) in FSDP_MODES.items():
         def make(gradient_release, dtype=dtype, **kwargs):
             model = fsdp_model(dtype)
             return model, AdamL(model.parameters(), gradient_release=gradient_release, **HYPER,
                                 **kwargs)
 
-        out[name] = train_pair(rank, make, options, dtype)
+        out[name] = train_pair(rank, make, options, dtype, how)
     return out
 
 
@@ -258,6 +293,22 @@ def refusals(rank):
 def worker(rank, world, out_dir):
     results = {"ddp": ddp_runs(rank), "fsdp": fsdp_runs(rank), "refusals": refusals(rank)}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def worker_of_three(rank, world, out_dir):
+    """DDP on 3 ranks, where 1 / 3 is not exact: AdamL's hook must reduce as DDP's default one
+    (times 1 / world, then summed; dividing instead differs in the last bit)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def make(gradient_release, **kwargs):
+        model = DDP(mlp(), bucket_cap_mb=0.005)
+        opt = AdamL(model.parameters(), gradient_release=gradient_release, **HYPER, **kwargs)
+        if gradient_release:
+            opt.register_ddp(model)
+        return model, opt
+
+    result = train_pair(rank, make, {}, torch.float32, steps=STEPS[:3])
+    torch.save(result, f"{out_dir}/three_rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +409,12 @@ def test_ddp_settings_that_cannot_work_are_refused_at_register_ddp(ranks, case, 
         message, unchanged, hooks = r["refusals"][case]
         assert message is not None and re.search(match, message), message
         assert unchanged and hooks == 0  # no communication hook was registered
+
+
+def test_ddp_release_on_3_ranks_reduces_bitwise_as_ddp(tmp_path):
+    run_ranks(worker_of_three, 3, str(tmp_path))
+    for rank in range(3):
+        ordinary, released, extras = torch.load(tmp_path / f"three_rank{rank}.pt",
+                                                weights_only=False)
+        assert_same(ordinary, released, f"rank {rank}")
+        assert released["skipped"] == 1 and extras["trained"]
