@@ -7,12 +7,14 @@ of its parameters is complete, and those gradients are freed (docs/gradient_rele
                        each bucket's plan and steady-state launch
 
 The step engine (engine.py) drives it: the hook of a bucket's last gradient launches that
-bucket; step() launches the buckets still pending and ends the step. Under torch.distributed a
-gradient must arrive reduced: FSDP2 calls the hooks of its sharded parameters after their
-reduce-scatter; DDP's gradients arrive through AdamL's communication hook (ddp_release.py),
-and their post-accumulate-grad hooks, which autograd calls before the all-reduce, are ignored. Every launch of a step
+bucket; step() launches the buckets still pending and ends the step. Every launch of a step
 reads the same inputs (loss, take, f_1), settled once before the first launch, so each element's
 update is the ordinary step's, bit for bit (SPEC.md, Gradient release).
+
+Under torch.distributed a gradient must arrive reduced: FSDP2 calls the hooks of its sharded
+parameters after their reduce-scatter; DDP's gradients arrive through AdamL's communication
+hook (ddp_release.py), and their post-accumulate-grad hooks, which autograd calls before the
+all-reduce, are ignored. Any other gradient under several ranks is refused.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ class AdamL(torch.optim.Optimizer):
         gradient_release: step each bucket during backward, as soon as all of its gradients
             are complete, and free those gradients (docs/gradient_release.md): call
             ``opt.add_loss(loss)`` before ``loss.backward()``, then ``opt.step()``; accumulation
-            micro-batches run inside ``with opt.no_release():``.
+            micro-batches run inside ``with opt.no_release():``. Under FSDP2 the buckets step
+            after its reduce-scatter; under DDP call ``opt.register_ddp(ddp_model)`` once.
         bucket_cap_mb: under gradient_release, the most gradient bytes (MiB) of one bucket, and
             so about how many gradients are alive at once (default 25; a larger tensor gets a
             bucket of its own).

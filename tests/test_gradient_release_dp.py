@@ -277,7 +277,8 @@ def refusals(rank):
 
     torch.manual_seed(0)  # tensor parallel: autograd hands over each shard's gradient
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
-    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    parallelize_module(model, init_device_mesh("cpu", (WORLD,)),
+                       {"0": ColwiseParallel(), "2": RowwiseParallel()})
     opt = AdamL(model.parameters(), gradient_release=True, loss_group=None, **HYPER)
 
     def tp_backward():
