@@ -3,11 +3,12 @@
 DDP all-reduces its buckets after autograd has called the parameters' post-accumulate-grad
 hooks, so those hooks see unreduced gradients. Under DDP a release bucket therefore steps
 from DDP's communication hook instead (docs/gradient_release.md, DDP): the hook all-reduces
-each DDP bucket as DDP's default one does (times 1 / world size, then summed), waits on
-it (under NCCL a stream dependency, the host goes on; under gloo the host waits), and hands the
-reduced gradients to the optimizer. DDP's reducer is told that an optimizer ran in backward (the
-mode torch.distributed.optim's _apply_optimizer_in_backward uses), so that at the end of
-backward it does not write the reduced gradients back into .grad.
+each DDP bucket as DDP's default one does (times 1 / world size, then summed) and, once DDP
+hands in the next bucket (or backward ends), waits on it (under NCCL a stream dependency, the
+host goes on; under gloo the host waits) and hands the reduced gradients to the optimizer.
+DDP's reducer is told that an optimizer ran in backward (the mode torch.distributed.optim's
+_apply_optimizer_in_backward uses), so that at the end of backward it does not write the
+reduced gradients back into .grad.
 """
 
 from __future__ import annotations
@@ -50,23 +51,46 @@ def ddp_params(ddp_model) -> list[torch.Tensor]:
 def register(ddp_model, reduced: Callable[[list, list], bool]) -> None:
     """Make `ddp_model` all-reduce each bucket with AdamL's hook and call reduced(params,
     grads) with the reduced gradients; where it returns False (the optimizer is gone), the
-    gradients are written into .grad, as DDP's end of backward would."""
+    gradients are written into .grad, as DDP's end of backward would.
+
+    A bucket is handed over when DDP hands in the next one (its all-reduce ran while autograd
+    computed that one's gradients), the last at the end of backward (a callback queued at the
+    backward's first bucket, so it runs before the optimizer's own end of backward)."""
     import torch.distributed as dist
 
     group = ddp_model.process_group
     world = dist.get_world_size(group)
+    in_flight: list[tuple] = []  # (the all-reduce's work, its bucket), oldest first
+    backward = [None]  # the graph task (backward pass) they belong to
 
-    def adaml_release_hook(state, bucket):
-        buffer = bucket.buffer()
-        # As DDP's default reduction, bit for bit: each rank's gradient times 1 / world (a
-        # float32 multiplier: dividing instead differs in the last bit), then summed.
-        buffer.mul_(1.0 / world)
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True).wait()
+    def hand_over(work, bucket) -> None:
+        work.wait()  # under NCCL a stream dependency; under gloo the host waits
         params, grads = bucket.parameters(), bucket.gradients()
         if not reduced(params, grads):
             for p, g in zip(params, grads):
                 write_back(p, g)
-        done = torch.futures.Future()
+
+    def hand_over_the_rest() -> None:
+        while in_flight:
+            hand_over(*in_flight.pop(0))
+
+    def adaml_release_hook(state, bucket):
+        task = torch._C._current_graph_task_id()
+        if task != backward[0]:  # this backward's first bucket
+            backward[0] = task
+            for work, _ in in_flight:  # (left by a backward that failed midway)
+                work.wait()
+            in_flight.clear()
+            torch.autograd.Variable._execution_engine.queue_callback(hand_over_the_rest)
+        buffer = bucket.buffer()
+        # As DDP's default reduction, bit for bit: each rank's gradient times 1 / world (a
+        # float32 multiplier: dividing instead differs in the last bit), then summed.
+        buffer.mul_(1.0 / world)
+        in_flight.append((dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group,
+                                          async_op=True), bucket))
+        while len(in_flight) > 1:
+            hand_over(*in_flight.pop(0))
+        done = torch.futures.Future()  # (DDP reads nothing from it: optimizer in backward)
         done.set_result(buffer)
         return done
 

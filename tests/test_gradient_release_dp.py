@@ -178,6 +178,8 @@ def ddp_runs(rank):
     out = {}
     for name, (dtype, options, ddp_options, how) in DDP_MODES.items():
         def make(gradient_release, dtype=dtype, ddp_options=ddp_options, **kwargs):
+            # 2 DDP buckets from the second backward on (DDP's first has one): the hook hands
+            # the first over when the second comes, the second at the end of backward
             model = DDP(mlp(dtype), bucket_cap_mb=0.005, **ddp_options)
             opt = AdamL(model.parameters(), gradient_release=gradient_release, **HYPER, **kwargs)
             if gradient_release:
