@@ -12,6 +12,7 @@ All ranks run in one spawn (the module fixture); the tests compare what they sav
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import pytest
@@ -54,6 +55,7 @@ DDP_MODES = {
     "fp32_reference": (torch.float32, dict(backend="reference"), {}, {}),
     "fp32_no_sync": (torch.float32, {}, {}, dict(unsynced=ddp_no_sync)),
     "fp32_loss_in_two_parts": (torch.float32, {}, {}, dict(split=True)),
+    "fp32_state_dict_reloaded": (torch.float32, {}, {}, dict(reload=1)),
     "bf16_moments": (torch.float32, dict(state_dtype=BF16), {}, {}),
     "bf16_master_sr": (BF16, dict(master_weights=True, stochastic_rounding=True, seed=3), {},
                        {}),
@@ -63,6 +65,7 @@ FSDP_MODES = {
     "fp32": (torch.float32, {}, {}),
     "fp32_reference": (torch.float32, dict(backend="reference"), {}),
     "fp32_no_gradient_sync": (torch.float32, {}, dict(unsynced=fsdp_no_sync)),
+    "fp32_state_dict_reloaded": (torch.float32, {}, dict(reload=1)),
     "bf16_moments": (torch.float32, dict(state_dtype=BF16), {}),
     "bf16_master_sr": (BF16, dict(master_weights=True, stochastic_rounding=True, seed=3), {}),
 }
@@ -149,17 +152,37 @@ def saved_run(params, opt) -> dict:
 def train_pair(rank, make, modes_options, dtype, how=None, steps=STEPS):
     """The ordinary and the released run of one mode: (saved ordinary, saved released,
     extras). `how`: "unsynced", a context (of the model) for all but the last micro-batch, in
-    which DDP or FSDP2 does not reduce; "split", the loss registered in two parts."""
+    which DDP or FSDP2 does not reduce; "split", the loss registered in two parts; "reload",
+    the optimizer's state_dict() loaded back into it after that step (a new engine: the DDP
+    registration must survive it)."""
     how = how or {}
+
+    def copied(value):  # (copy.deepcopy cannot copy FSDP2's DTensor state here)
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {k: copied(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copied(v) for v in value]
+        return copy.deepcopy(value)
+
+    def reload(opt, step):
+        if how.get("reload") == step:
+            opt.load_state_dict(copied(opt.state_dict()))
+
     model, opt = make(gradient_release=False, **modes_options)
     for step, micro_batches, nan_rank in steps:
         ordinary_step(model, opt, rank, step, micro_batches, nan_rank, dtype, how)
+        reload(opt, step)
     ordinary = saved_run(list(model.parameters()), opt)
     model, opt = make(gradient_release=True, bucket_cap_mb=CAP_MB, **modes_options)
     params = list(model.parameters())
     initial = [local(p).detach().clone() for p in params]
-    flags = [released_step(model, opt, rank, step, micro_batches, nan_rank, dtype, params, how)
-             for step, micro_batches, nan_rank in steps]
+    flags = []
+    for step, micro_batches, nan_rank in steps:
+        flags.append(released_step(model, opt, rank, step, micro_batches, nan_rank, dtype,
+                                   params, how))
+        reload(opt, step)
     released = saved_run(params, opt)
     extras = dict(loss_started_in_add_loss=all(f[0] for f in flags),
                   grads_freed_by_backward=all(f[1] for f in flags),
