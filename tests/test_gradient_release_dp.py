@@ -291,6 +291,22 @@ def refusals(rank):
         out[name] = refused(lambda: opt.register_ddp(model), model) + (
             len(model._comm_hooks),)
 
+    # Parameters of the DDP model that are not the optimizer's: their .grad after backward is
+    # DDP's reduced gradient, as without AdamL's hook.
+    plain_ddp, model = DDP(mlp()), DDP(mlp())
+    opt = AdamL(model.module[0].parameters(), gradient_release=True, **HYPER)
+    opt.register_ddp(model)
+    for m in (plain_ddp, model):
+        loss = loss_of(m, rank, 0, 0, torch.float32, None)
+        if m is model:
+            opt.add_loss(loss)
+        loss.backward()
+    out["others_reduced"] = (
+        all(torch.equal(p.grad, q.grad) for p, q in zip(plain_ddp.module[2:].parameters(),
+                                                         model.module[2:].parameters())),
+        all(p.grad is None for p in model.module[0].parameters()))
+    opt.step()
+
     model = DDP(mlp())
     opt = AdamL(model.parameters(), **HYPER)  # the ordinary step
     out["ordinary_register"] = refused(lambda: opt.register_ddp(model), model) + (
@@ -444,3 +460,8 @@ def test_ddp_release_on_3_ranks_reduces_bitwise_as_ddp(tmp_path):
                                                 weights_only=False)
         assert_same(ordinary, released, f"rank {rank}")
         assert released["skipped"] == 1 and extras["trained"]
+
+
+def test_ddp_parameters_of_another_optimizer_get_ddps_reduced_gradient(ranks):
+    for r in ranks:
+        assert r["refusals"]["others_reduced"] == (True, True)
