@@ -122,6 +122,7 @@ class GradientRelease:
         # DTensor parameters seen to get their gradient from FSDP2 (after its reduce-scatter),
         # and the loss's all-reduce in flight: (the pending total it averages, LossAverage)
         self.world = 1
+        self.unreduced: list = []  # (found by partition)
         self.reduced_by_fsdp: set[int] = set()
         self.loss_average: tuple | None = None
         self.forget_plans()
@@ -177,8 +178,8 @@ class GradientRelease:
             p = self.unreduced[0]
             raise RuntimeError(UNREDUCED.format(
                 world=world, what=f"a parameter (index {self.index_of[id(p)]}, shape "
-                f"{tuple(p.shape)}) that no DistributedDataParallel registered with "
-                "opt.register_ddp() holds"))
+                f"{tuple(p.shape)}) that no DistributedDataParallel model registered with "
+                "opt.register_ddp() reduces"))
 
     def check_reduced_by_fsdp(self, p) -> None:
         """A DTensor parameter's hook under several ranks: FSDP2 calls it after the
