@@ -66,6 +66,8 @@ FSDP_MODES = {
     "fp32_reference": (torch.float32, dict(backend="reference"), {}),
     "fp32_no_gradient_sync": (torch.float32, {}, dict(unsynced=fsdp_no_sync)),
     "fp32_state_dict_reloaded": (torch.float32, {}, dict(reload=1)),
+    # HSDP: replicated over 2 ranks, shards of 1 (FSDP2 all-reduces, then calls the hooks)
+    "fp32_hsdp": (torch.float32, {}, dict(mesh=(WORLD, 1))),
     "bf16_moments": (torch.float32, dict(state_dtype=BF16), {}),
     "bf16_master_sr": (BF16, dict(master_weights=True, stochastic_rounding=True, seed=3), {}),
 }
@@ -223,12 +225,14 @@ def ddp_runs(rank):
     return out
 
 
-def fsdp_model(dtype):
+def fsdp_model(dtype, mesh_shape=(WORLD,)):
+    """FSDP2 on a 1-D mesh, or HSDP on (replicate, shard)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = mlp(dtype)
-    mesh = init_device_mesh("cpu", (WORLD,))
+    names = None if len(mesh_shape) == 1 else ("replicate", "shard")
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -239,8 +243,9 @@ def fsdp_model(dtype):
 def fsdp_runs(rank):
     out = {}
     for name, (dtype, options, how) in FSDP_MODES.items():
-        def make(gradient_release, dtype=dtype, **kwargs):
-            model = fsdp_model(dtype)
+        def make(gradient_release, dtype=dtype, mesh_shape=how.get("mesh", (WORLD,)),
+                 **kwargs):
+            model = fsdp_model(dtype, mesh_shape)
             return model, AdamL(model.parameters(), gradient_release=gradient_release, **HYPER,
                                 **kwargs)
 
@@ -409,9 +414,9 @@ def test_ddp_release_is_bitwise_the_ordinary_step(ranks, mode):
 @pytest.mark.parametrize("mode", list(FSDP_MODES))
 def test_fsdp2_release_is_bitwise_the_ordinary_step(ranks, mode):
     check_pair(ranks, "fsdp", mode, buckets_at_least=3)
-    # each rank holds its own shards: rows 24 + 23 of the first weight
+    # each rank holds its own shards: rows 24 + 23 of the first weight (HSDP: all of it)
     shapes = [tuple(r["fsdp"][mode][1]["params"][0].shape) for r in ranks]
-    assert shapes == [(24, 32), (23, 32)]
+    assert shapes == ([(47, 32)] * 2 if mode.endswith("hsdp") else [(24, 32), (23, 32)])
 
 
 def test_the_comparison_can_fail_without_loss_averaging(ranks):
