@@ -57,6 +57,8 @@ DDP_MODES = {
     "fp32_loss_in_two_parts": (torch.float32, {}, {}, dict(split=True)),
     "fp32_state_dict_reloaded": (torch.float32, {}, {}, dict(reload=1)),
     "bf16_moments": (torch.float32, dict(state_dtype=BF16), {}, {}),
+    "8bit_moments": (torch.float32, dict(state_dtype=torch.uint8, stochastic_rounding=True,
+                                         seed=4), {}, dict(hidden=128)),
     "bf16_master_sr": (BF16, dict(master_weights=True, stochastic_rounding=True, seed=3), {},
                        {}),
 }
@@ -73,11 +75,12 @@ FSDP_MODES = {
 }
 
 
-def mlp(dtype=torch.float32):
-    # 47 output rows: FSDP2 shards them 24 + 23 (uneven)
+def mlp(dtype=torch.float32, hidden=47):
+    # 47 output rows: FSDP2 shards them 24 + 23 (uneven); 128: weights of 4096 and 6144
+    # elements, large enough for 8-bit moments
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(32, 47), torch.nn.Tanh(), torch.nn.Linear(47, 48), torch.nn.Tanh(),
-              torch.nn.Linear(48, 8)]
+    layers = [torch.nn.Linear(32, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 48),
+              torch.nn.Tanh(), torch.nn.Linear(48, 8)]
     return torch.nn.Sequential(*layers).to(dtype)
 
 
@@ -202,10 +205,11 @@ def ddp_runs(rank):
 
     out = {}
     for name, (dtype, options, ddp_options, how) in DDP_MODES.items():
-        def make(gradient_release, dtype=dtype, ddp_options=ddp_options, **kwargs):
+        def make(gradient_release, dtype=dtype, ddp_options=ddp_options, how=how, **kwargs):
             # 2 DDP buckets from the second backward on (DDP's first has one): the hook hands
             # the first over when the second comes, the second at the end of backward
-            model = DDP(mlp(dtype), bucket_cap_mb=0.005, **ddp_options)
+            model = DDP(mlp(dtype, how.get("hidden", 47)), bucket_cap_mb=0.005,
+                        **ddp_options)
             opt = AdamL(model.parameters(), gradient_release=gradient_release, **HYPER, **kwargs)
             if gradient_release:
                 opt.register_ddp(model)
@@ -409,6 +413,9 @@ def test_ddp_release_is_bitwise_the_ordinary_step(ranks, mode):
     check_pair(ranks, "ddp", mode, buckets_at_least=3)
     # DDP's parameters are replicas: every rank's are the same
     assert_same(ranks[0]["ddp"][mode][1]["params"], ranks[1]["ddp"][mode][1]["params"])
+    if mode == "8bit_moments":  # the weights' moments are 8-bit codes indeed
+        state = ranks[0]["ddp"][mode][1]["state"]
+        assert [state[i]["exp_avg"].dtype for i in (0, 2)] == [torch.uint8] * 2
 
 
 @pytest.mark.parametrize("mode", list(FSDP_MODES))
