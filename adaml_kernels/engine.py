@@ -15,7 +15,11 @@ Under gradient release (grad_release.py) the buckets are launched from the param
 during backward instead:
 
     hook of a bucket's last gradient -> StepEngine.grad_ready -> that bucket's launch
+    DDP's all-reduce of a bucket     -> StepEngine.ddp_bucket_reduced -> grad_ready (ddp_release)
     AdamL.step -> StepEngine.release_step    the buckets still pending, the skip count
+
+Under loss averaging the loss's all-reduce starts in add_loss (gradient release) and the
+step's first launch waits on it.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from itertools import chain
 
 import torch
 
-from . import loss as losses, plan as planning
+from . import ddp_release, loss as losses, plan as planning
+from .ddp_release import write_back
 from .fast_path import FALLBACK, FastPath
 from .grad_release import NO_LOSS, GradientRelease
 from .hyperparams import Hyperparams
 from .loss import PendingLoss
 from .precision import Precision
+from .tensor_checks import is_dtensor
 
 
 class StepEngine:
@@ -67,12 +73,22 @@ class StepEngine:
 
     # ----------------------------------------------------------------------------- loss
 
-    def add_loss(self, loss) -> None:
-        if self.release is not None and self.release.inputs is not None:
+    def add_loss(self, loss, groups) -> None:
+        release = self.release
+        if release is not None and release.inputs is not None:
             raise RuntimeError(
                 "gradient release: this step's buckets already stepped with the loss "
                 "registered before; call opt.step() before registering the next step's loss")
         self.pending.add(loss)
+        if release is not None and not release.accumulating:
+            # Gradient release: the loss's all-reduce starts now, under backward; the step's
+            # first launch waits on it. (Inside no_release() the losses are only summed: the
+            # sum is averaged once, as in the ordinary step.)
+            process_group = losses.process_group(self.loss_group)
+            if process_group is not None:
+                total = self.pending.total
+                release.loss_average = (total, losses.LossAverage(
+                    losses.as_tensor(total, self.home_device(groups)), process_group))
 
     def drop_pending(self) -> None:
         release = self.release
@@ -166,18 +182,19 @@ class StepEngine:
     # ----------------------------------------------------------------- gradient release
 
     @torch.no_grad()
-    def grad_ready(self, p, groups, state) -> None:
-        """p's gradient of this backward is complete (its post-accumulate-grad hook): count it,
-        and launch its bucket if that completes it."""
+    def grad_ready(self, p, groups, state, reduced: bool = False) -> None:
+        """p's gradient of this backward is complete and reduced across the ranks (its
+        post-accumulate-grad hook, or with `reduced` DDP's all-reduce): count it, and launch
+        its bucket if that completes it."""
         release = self.release
         if release.accumulating:
             return
-        if not release.in_progress:  # the step's first gradient: nothing has changed yet
-            if self.pending.total is None:
-                raise RuntimeError(NO_LOSS)
-            _refuse_distributed(self.loss_group)
-            release.partition(groups)
-            release.in_progress = True
+        if not reduced and id(p) in release.hooks.fed_by_ddp:
+            return  # autograd's hook, before DDP's all-reduce: the comm hook hands it over
+        self._begin_release_step(groups)
+        if release.world > 1 and not reduced and id(p) not in release.reduced_by_fsdp and \
+                id(p) in release.where and is_dtensor(p):
+            release.check_reduced_by_fsdp(p)
         if not release.backward_end_queued:  # at its end, the buckets it left incomplete
             release.backward_end_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(
@@ -191,6 +208,51 @@ class StepEngine:
             return
         checked = release.check(bucket, state, self.backend, self.precision)
         self._launch_released(bucket, checked, groups, state)
+
+    def _begin_release_step(self, groups) -> None:
+        """At the step's first gradient, before anything changes: the loss is registered, the
+        buckets are cut, and under several ranks every gradient arrives reduced."""
+        release = self.release
+        if release.in_progress:
+            return
+        if self.pending.total is None:
+            raise RuntimeError(NO_LOSS)
+        release.partition(groups)
+        release.check_reduced(_world_size())
+        release.in_progress = True
+
+    def register_ddp(self, ddp_model, reduced, groups) -> None:
+        """Feed gradient release from `ddp_model`'s all-reduce (ddp_release.py): its
+        communication hook calls reduced(params, grads) for each DDP bucket. Checked first:
+        nothing changes where it raises."""
+        release = self.release
+        if release is None:
+            raise RuntimeError("register_ddp() needs AdamL(..., gradient_release=True)")
+        if release.in_progress:
+            raise RuntimeError("gradient release: register_ddp() during a step; call it before "
+                               "the first backward, or after opt.step()")
+        params = ddp_release.ddp_params(ddp_model)
+        mine = {id(p) for group in groups for p in group["params"]}
+        ddp_release.register(ddp_model, reduced)
+        release.feed_from_ddp(p for p in params if id(p) in mine)
+
+    @torch.no_grad()
+    def ddp_bucket_reduced(self, params, grads, groups, state) -> None:
+        """DDP's all-reduce of a bucket is done (AdamL's communication hook, ddp_release.py),
+        `grads` the reduced gradients of `params`. Each of this optimizer's parameters arrives
+        with its gradient; inside no_release(), and for parameters of no release, the reduced
+        gradient is written into .grad, as DDP's own end of backward would."""
+        release = self.release
+        if not release.accumulating:
+            self._begin_release_step(groups)
+        for p, g in zip(params, grads):
+            if release.accumulating or id(p) not in release.where or \
+                    id(p) not in release.hooks.fed_by_ddp:
+                write_back(p, g)
+            else:
+                if p.grad is None or p.grad.data_ptr() != g.data_ptr():
+                    p.grad = g  # (gradient_as_bucket_view: .grad is that view already)
+                self.grad_ready(p, groups, state, reduced=True)
 
     @torch.no_grad()
     def _backward_ended(self, groups, state) -> None:
@@ -222,7 +284,6 @@ class StepEngine:
             raise RuntimeError(
                 "gradient release cannot be combined with torch.amp.GradScaler: found_inf is "
                 "known only once every gradient exists, after the buckets stepped")
-        _refuse_distributed(self.loss_group)
         release.partition(groups)
         pending = [(b, release.check(b, state, self.backend, self.precision))
                    for b in release.pending()]  # checked before anything changes
@@ -267,10 +328,23 @@ class StepEngine:
                 self.skipped = torch.zeros((), dtype=torch.float64, device=device)
             if self.release_skips is None or self.release_skips.device != device:
                 self.release_skips = torch.zeros((), dtype=torch.float64, device=device)
-            loss_t = self.step_loss(self.pending.total, None, self.initial_loss.device)
+            loss_t = self._release_loss(self.initial_loss.device)
             release.inputs = losses.StepInputs(loss_t, losses.decide_take(loss_t, None), None,
                                                self.initial_loss)
         return release.inputs
+
+    def _release_loss(self, device: torch.device) -> torch.Tensor:
+        """The loss of this release step, averaged as step_loss() does: by the all-reduce
+        add_loss() started (waited on now: a stream dependency under NCCL), or by one now
+        (losses registered only inside no_release())."""
+        release = self.release
+        total, in_flight = self.pending.total, release.loss_average
+        release.loss_average = None
+        process_group = losses.process_group(self.loss_group)
+        if process_group is not None and in_flight is not None and in_flight[0] is total and \
+                in_flight[1].total.device == device:
+            return in_flight[1].result()
+        return self.step_loss(total, process_group, device)
 
     # ----------------------------------------------------------------------------- plans
 
@@ -362,13 +436,10 @@ class StepEngine:
             self.skipped.sub_(losses.move(take, self.skipped.device)).add_(1)
 
 
-def _refuse_distributed(loss_group) -> None:
+def _world_size() -> int:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(
-            "gradient release under torch.distributed (DDP, FSDP2) is not supported yet: the "
-            "buckets would step before their gradients are reduced; use gradient_release=False")
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _active(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

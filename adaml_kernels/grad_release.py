@@ -10,6 +10,11 @@ The step engine (engine.py) drives it: the hook of a bucket's last gradient laun
 bucket; step() launches the buckets still pending and ends the step. Every launch of a step
 reads the same inputs (loss, take, f_1), settled once before the first launch, so each element's
 update is the ordinary step's, bit for bit (SPEC.md, Gradient release).
+
+Under torch.distributed a gradient must arrive reduced: FSDP2 calls the hooks of its sharded
+parameters after their reduce-scatter; DDP's gradients arrive through AdamL's communication
+hook (ddp_release.py), and their post-accumulate-grad hooks, which autograd calls before the
+all-reduce, are ignored. Any other gradient under several ranks is refused.
 """
 
 from __future__ import annotations
@@ -26,10 +31,17 @@ from .fast_path import FastPath
 from .hyperparams import Hyperparams
 from .loss import StepInputs
 from .precision import Precision
-from .tensor_checks import is_dtensor
+from .tensor_checks import is_dtensor, local
 
 DEFAULT_BUCKET_CAP_MB = 25.0
 MB = float(1 << 20)
+
+UNREDUCED = (
+    "gradient release under torch.distributed with {world} ranks: {what} gets its gradient "
+    "before it is reduced across the ranks, and its bucket would step with it. Wrap the model "
+    "in DistributedDataParallel and call opt.register_ddp(ddp_model), or shard it with FSDP2 "
+    "(fully_shard), or use gradient_release=False"
+)
 
 NO_LOSS = (
     "gradient release steps each bucket during backward, so the loss must be known first: call "
@@ -53,6 +65,9 @@ class ReleaseHooks:
     def __init__(self, ready: Callable[[torch.Tensor], None]):
         self.ready = ready
         self.handles: dict[int, object] = {}  # id(p) -> its hook's handle
+        # id(p) of the parameters whose reduced gradient DDP's communication hook hands over
+        # (register_ddp): their hooks, which autograd calls before the all-reduce, are ignored
+        self.fed_by_ddp: set[int] = set()
 
     def add(self, params) -> None:
         """Hook every parameter that requires a gradient (a frozen one is stepped by step())."""
@@ -103,6 +118,13 @@ class GradientRelease:
         self.in_progress = False  # a gradient of this step arrived, step() not called yet
         self.backward_end_queued = False  # the end of the running backward is awaited
         self.seen: set[int] = set()  # id(p) of the gradients that arrived in this step
+        # torch.distributed: the world size (settled at each step's first gradient), the
+        # DTensor parameters seen to get their gradient from FSDP2 (after its reduce-scatter),
+        # and the loss's all-reduce in flight: (the pending total it averages, LossAverage)
+        self.world = 1
+        self.unreduced: list = []  # (found by partition)
+        self.reduced_by_fsdp: set[int] = set()
+        self.loss_average: tuple | None = None
         self.forget_plans()
 
     # --------------------------------------------------------------------------- buckets
@@ -119,13 +141,9 @@ class GradientRelease:
         for gi, group in enumerate(groups):
             open_buckets: dict[tuple, tuple[list, list]] = {}  # key -> (params, [bytes])
             for p in reversed(group["params"]):  # backward meets the last layers first
-                if is_dtensor(p):
-                    raise ValueError(
-                        "gradient release does not support DTensor parameters (FSDP2, tensor "
-                        "parallel) yet; use gradient_release=False")
                 # (a parameter without a hook, frozen when it was added, is stepped by step())
                 key = (p.device, p.dtype, id(p) in self.hooks.handles)
-                size = p.numel() * p.element_size()
+                size = local(p).numel() * p.element_size()  # a DTensor's: its local shard
                 members, filled = open_buckets.get(key, (None, None))
                 if members is None or (members and filled[0] + size > cap):
                     members, filled = [], [0]
@@ -141,6 +159,40 @@ class GradientRelease:
         self.partitioned = [(g["params"], len(g["params"])) for g in groups]
         self.index_of = {id(p): i for i, p in enumerate(
             chain.from_iterable(g["params"] for g in groups))}
+        # hooked plain tensors that no DDP reduces: under several ranks, autograd hands them
+        # over unreduced (DTensor parameters are checked at their first gradient)
+        self.unreduced = [p for g in groups for p in g["params"] if id(p) in self.hooks.handles
+                          and not is_dtensor(p) and id(p) not in self.hooks.fed_by_ddp]
+
+    def feed_from_ddp(self, params) -> None:
+        """These parameters' reduced gradients come from DDP's communication hook; autograd's
+        hook calls for them (before the all-reduce) are ignored."""
+        self.hooks.fed_by_ddp.update(id(p) for p in params)
+        self.partitioned = []  # cut again (and the unreduced parameters found again)
+
+    def check_reduced(self, world: int) -> None:
+        """At a step's first gradient, before anything changes: under several ranks, every
+        hooked plain tensor must be fed by DDP."""
+        self.world = world
+        if world > 1 and self.unreduced:
+            p = self.unreduced[0]
+            raise RuntimeError(UNREDUCED.format(
+                world=world, what=f"a parameter (index {self.index_of[id(p)]}, shape "
+                f"{tuple(p.shape)}) that no DistributedDataParallel model registered with "
+                "opt.register_ddp() reduces"))
+
+    def check_reduced_by_fsdp(self, p) -> None:
+        """A DTensor parameter's hook under several ranks: FSDP2 calls it after the
+        reduce-scatter, from its own code; autograd calls it (tensor parallel, a DTensor
+        outside FSDP2) from the parameter's AccumulateGrad node, before any data-parallel
+        reduction: refused."""
+        node = torch._C._current_autograd_node()
+        if node is not None and type(node).__name__ == "AccumulateGrad" and \
+                getattr(node, "variable", None) is p:
+            raise RuntimeError(UNREDUCED.format(
+                world=self.world, what=f"a DTensor parameter (index {self.index_of[id(p)]}, "
+                f"placements {tuple(p.placements)}) outside FSDP2 (e.g. tensor parallel)"))
+        self.reduced_by_fsdp.add(id(p))
 
     def forget_plans(self) -> None:
         """The next launch of each bucket plans anew (state reset, loaded, or precision)."""
@@ -178,6 +230,7 @@ class GradientRelease:
         self.inputs = None
         self.in_progress = False
         self.backward_end_queued = False
+        self.loss_average = None
 
     @contextmanager
     def no_release(self):

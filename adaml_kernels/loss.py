@@ -97,11 +97,25 @@ def process_group(loss_group):
 
 def average(loss_t: torch.Tensor, group) -> torch.Tensor:
     """The mean of the ranks' losses (float64), the same on every rank of `group`."""
-    import torch.distributed as dist
+    return LossAverage(loss_t, group).result()
 
-    total = loss_t.to(torch.float64, copy=True)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total / dist.get_world_size(group)
+
+class LossAverage:
+    """The mean of the ranks' losses, its all-reduce started at once (async) and waited on by
+    result(): under NCCL that wait is a stream dependency (the host does not wait)."""
+
+    def __init__(self, loss_t: torch.Tensor, group):
+        import torch.distributed as dist
+
+        self.total = loss_t.to(torch.float64, copy=True)
+        self.world = dist.get_world_size(group)
+        self.work = dist.all_reduce(self.total, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.total / self.world
 
 
 def decide_take(loss: torch.Tensor, found_inf: torch.Tensor | None) -> torch.Tensor:

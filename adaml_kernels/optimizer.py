@@ -60,7 +60,8 @@ class AdamL(torch.optim.Optimizer):
         gradient_release: step each bucket during backward, as soon as all of its gradients
             are complete, and free those gradients (docs/gradient_release.md): call
             ``opt.add_loss(loss)`` before ``loss.backward()``, then ``opt.step()``; accumulation
-            micro-batches run inside ``with opt.no_release():``.
+            micro-batches run inside ``with opt.no_release():``. Under FSDP2 the buckets step
+            after its reduce-scatter; under DDP call ``opt.register_ddp(ddp_model)`` once.
         bucket_cap_mb: under gradient_release, the most gradient bytes (MiB) of one bucket, and
             so about how many gradients are alive at once (default 25; a larger tensor gets a
             bucket of its own).
@@ -180,6 +181,15 @@ class AdamL(torch.optim.Optimizer):
         if self.engine.release is None:
             raise RuntimeError("no_release() needs AdamL(..., gradient_release=True)")
         return self.engine.release.no_release()
+
+    def register_ddp(self, ddp_model) -> None:
+        """Under gradient release, step the buckets of a DistributedDataParallel model's
+        parameters once DDP has all-reduced their gradients (docs/gradient_release.md, DDP):
+        AdamL registers its communication hook on `ddp_model` (in place of DDP's default
+        all-reduce, with the same result) and DDP no longer writes the reduced gradients into
+        .grad. Call it once, before the first backward."""
+        self.engine.register_ddp(ddp_model, partial(_ddp_bucket_reduced, weakref.ref(self)),
+                                 self.param_groups)
 
     @property
     def state(self) -> TrackedState:
@@ -377,7 +387,7 @@ class AdamL(torch.optim.Optimizer):
     def add_loss(self, loss) -> None:
         """Register the loss of a backward pass; the next step() without a loss uses the sum of
         the losses registered since the last step or zero_grad(). Nothing is read on the host."""
-        self.engine.add_loss(loss)
+        self.engine.add_loss(loss, self.param_groups)
 
     @property
     def pending_loss(self) -> torch.Tensor | None:
@@ -453,6 +463,16 @@ def _grad_ready(optimizer_ref, p) -> None:
     optimizer = optimizer_ref()
     if optimizer is not None:
         optimizer.engine.grad_ready(p, optimizer.param_groups, optimizer.state)
+
+
+def _ddp_bucket_reduced(optimizer_ref, params, grads) -> bool:
+    """DDP's all-reduce of a bucket is done (gradient release); False if the optimizer is
+    gone."""
+    optimizer = optimizer_ref()
+    if optimizer is None:
+        return False
+    optimizer.engine.ddp_bucket_reduced(params, grads, optimizer.param_groups, optimizer.state)
+    return True
 
 
 def _new_hooks(optimizer: AdamL) -> ReleaseHooks:

@@ -460,7 +460,8 @@ def test_a_second_backward_in_one_step_is_refused():
     assert opt.state[model.layers[0].weight]["step"].item() == 1
 
 
-def test_torch_distributed_is_refused(monkeypatch):
+def test_unreduced_gradients_under_torch_distributed_are_refused(monkeypatch):
+    # (2 real ranks, DDP and FSDP2: tests/test_gradient_release_dp.py)
     import torch.distributed as dist
 
     model, opt = released_opt()
@@ -469,6 +470,6 @@ def test_torch_distributed_is_refused(monkeypatch):
     loss = loss_of(model, 0, torch.float32)
     opt.add_loss(loss)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="torch.distributed"):
+    with pytest.raises(RuntimeError, match="torch.distributed with 2 ranks.*before it is reduced"):
         loss.backward()
     assert not trained_params_changed(model, before)
