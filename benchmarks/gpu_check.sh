@@ -19,9 +19,10 @@
 #       unset); pytest's junit XML goes to OUTDIR/pytest.xml.
 #       Expected, estimated, not measured: about 4-5 minutes on an H100 (build ~1.5, tests ~2.5),
 #       about 3 when the build is skipped.
-# bench environment (15 s), bench (170 s), bench_memory (60 s), bench_host (60 s),
-#       bench_fsdp (60 s), example_gpt (110 s): limits 475 s in all. Never builds: it stops with
-#       an error unless `core` has built the extension for the current sources.
+# bench environment (15 s), bench (170 s), bench_memory (60 s), release_memory (50 s),
+#       bench_host (60 s), bench_fsdp (60 s), example_gpt (110 s): limits 525 s in all. Never
+#       builds: it stops with an error unless `core` has built the extension for the current
+#       sources.
 #       Expected, estimated, not measured: about 5-6 minutes on an H100.
 #       To fit the limits, the benchmark runs with --quick --sizes 1M,16M (single tensors of 1M
 #       and 16M parameters, GPT-2 small, 5,000 small tensors; --quick alone also runs 256M) on
@@ -33,7 +34,7 @@
 #
 # Every step runs under its own time limit and each part always reaches its summary.
 # To add a step, add a `run_step NAME LIMIT_S COMMAND...` line to the part's function, keeping
-# the part's limits under about 480 s (one command may run at most 10 minutes on the GPU machine).
+# the part's limits under about 540 s (one command may run at most 10 minutes on the GPU machine).
 #
 # Environment: PYTHON (default python), MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST
 # (default: the GPU's own arch plus setup.py's default list), ADAML_GPU_TESTS (test files),
@@ -190,6 +191,11 @@ part_bench() {
         --dtype float32,bfloat16 --json "$OUT/bench.json" --plot "$OUT/bench.png"
     run_step bench_memory 60 "$PY" -m adaml_kernels.bench --device cuda --memory-check --quick \
         --sizes 16M --dtype float32,bfloat16 --json "$OUT/bench_memory.json"
+    # Gradient release's peak memory (torch.cuda.max_memory_allocated of steps 3-5; 24 x
+    # nn.Linear(2048, 2048), 384 MiB of float32 gradients, buckets of 25 MiB) against the
+    # ordinary AdamL step and torch fused Adam, each in a fresh process.
+    run_step release_memory 50 "$PY" benchmarks/gradient_release_memory.py --device cuda \
+        --json "$OUT/release_memory.json"
     # Host overhead: 1, 100, 1,000 and 5,000 one-element tensors with new gradients every step,
     # one thread, AdamL against torch's fused and foreach Adam; a CUDA-graph replay is the lower
     # bound.
@@ -236,6 +242,11 @@ summary() {
         fi
         if [ -f "$OUT/example_gpt.log" ]; then
             echo "  GPT example: $(grep -E '^done: ' "$OUT/example_gpt.log" | tail -n 1)"
+        fi
+        if [ -f "$OUT/release_memory.log" ]; then
+            echo "  gradient release, peak GPU memory (MiB):"
+            grep -E '^(optimizer|adaml_release|adaml|torch_fused) |^gradient release lowers' \
+                "$OUT/release_memory.log" | sed 's/^/    /'
         fi
         if [ -f "$OUT/bench_memory.log" ]; then
             echo "  extra peak bytes per step:"

@@ -13,8 +13,21 @@ data-parallel rank trains on its slice. The batch of step k is a function of (se
 torch.distributed.checkpoint (model + optimizer) to DIR/step-K at the end (and every
 `--save-every` steps); `--resume` loads the latest one and trains on up to `--steps`.
 
+`--gradient-release` builds AdamL with gradient_release=True (docs/gradient_release.md, bucket size
+`--bucket-cap-mb`): the step registers its loss with opt.add_loss(loss) before backward, each
+bucket of parameters is updated during backward as soon as its gradients are complete and those
+gradients are freed, and opt.step() finishes the step. It runs in one process and under FSDP2
+(`torchrun --nproc_per_node 2 examples/train_gpt.py --fsdp --gradient-release`). Gradient
+clipping by global norm cannot be combined with it (the norm needs every gradient, and the
+buckets step before the last one exists): under --gradient-release the default --clip is 0 (no
+clipping), and an explicit --clip > 0 is refused. Elsewhere --clip defaults to 1.0; --clip 0
+turns clipping off. bf16 autocast needs no GradScaler and works with both.
+
 Per step it measures the whole step (batch, forward, backward, clipping, optimizer) and the time
-in opt.step alone (AdamL's loss all-reduce included), synchronising on CUDA. It prints loss,
+in opt.step alone (AdamL's loss all-reduce included), synchronising on CUDA. Under
+--gradient-release the optimizer's updates run inside backward, so they count in the step time
+but not in opt.step's (which only launches what is still pending and counts the skip): the
+optimizer share printed is then that of opt.step alone. It prints loss,
 tokens/s (global tokens over step time) and the optimizer's share of step time, first steps
 (warm-up, compilation) excluded. The progress bar needs tqdm (`pip install tqdm`, or the
 `.[bench]` extra); `--no-bar` prints plain lines instead. `--out FILE` writes a JSON summary:
@@ -53,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=None, help="default: d_model / 16")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--clip", type=float, default=None,
+                   help="max gradient norm, 0: no clipping (default: 1.0; 0 under "
+                        "--gradient-release, which cannot clip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--ckpt", metavar="DIR", help="write DCP checkpoints to DIR/step-K")
@@ -62,12 +77,26 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="FSDP2 over all ranks (under torchrun)")
     p.add_argument("--tp", type=int, nargs="?", const=-1, default=None, metavar="N",
                    help="tensor parallel of degree N (default: all ranks), FSDP2 over the rest")
+    p.add_argument("--gradient-release", action="store_true",
+                   help="update each bucket during backward and free its gradients")
+    p.add_argument("--bucket-cap-mb", type=float, default=None,
+                   help="gradient release: the most gradient MiB of one bucket (AdamL's default)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the model")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast")
     p.add_argument("--no-bar", action="store_true", help="plain lines, no tqdm bar")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", metavar="FILE", help="write a JSON summary (rank 0)")
     args = p.parse_args(argv)
+    if args.clip is not None and args.clip < 0:
+        p.error(f"--clip {args.clip}: must be >= 0 (0: no clipping)")
+    if args.gradient_release and args.clip:
+        p.error(f"--clip {args.clip} cannot be combined with --gradient-release: clipping by "
+                "global norm needs every gradient, and the buckets step during backward, before "
+                "the last one exists (leave --clip out, or --clip 0)")
+    if args.bucket_cap_mb is not None and not args.gradient_release:
+        p.error("--bucket-cap-mb sizes gradient release's buckets: it needs --gradient-release")
+    if args.clip is None:
+        args.clip = 0.0 if args.gradient_release else 1.0
     if args.resume and not args.ckpt:
         p.error("--resume needs --ckpt DIR")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.fsdp or args.tp):
@@ -173,7 +202,9 @@ def main(argv=None) -> dict:
     # The loss AdamL uses is averaged over the data-parallel ranks only: the ranks of one TP
     # group see the same batch and compute the same loss, so averaging over the world would
     # just weight each data-parallel batch tp times. Without a process group: nothing to average.
-    opt = AdamL(model.parameters(), lr=args.lr, loss_group=dp_mesh)
+    release = dict(gradient_release=True, bucket_cap_mb=args.bucket_cap_mb) \
+        if args.gradient_release else {}
+    opt = AdamL(model.parameters(), lr=args.lr, loss_group=dp_mesh, **release)
     start = load(model, opt, args) if args.resume else 0
     fwd = model if args.no_compile else torch.compile(model)
     data = load_bytes()
@@ -183,7 +214,8 @@ def main(argv=None) -> dict:
         print(f"GPT {n_params / 1e6:.2f}M params, {args.layers} layers, d_model {args.d_model}; "
               f"device {device}, "
               f"mesh {None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
-              f"compile {not args.no_compile}, bf16 autocast {not args.no_amp}; "
+              f"compile {not args.no_compile}, bf16 autocast {not args.no_amp}, "
+              f"gradient release {args.gradient_release}, clip {args.clip}; "
               f"steps {start}->{args.steps}")
 
     bar = None
@@ -203,11 +235,17 @@ def main(argv=None) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_amp):
             logits = fwd(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        if args.gradient_release:
+            opt.add_loss(loss)  # before backward: the buckets step during it
         loss.backward()
-        clip_grad_norm(model.parameters(), args.clip)
+        if args.clip:
+            clip_grad_norm(model.parameters(), args.clip)
         sync()
         t1 = time.perf_counter()
-        opt.step(loss)
+        if args.gradient_release:
+            opt.step()  # the buckets still pending, the skip count
+        else:
+            opt.step(loss)
         sync()
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -249,13 +287,16 @@ def main(argv=None) -> dict:
         "world": dist.get_world_size() if dist.is_initialized() else 1,
         "mesh": None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape)),
         "compiled": not args.no_compile, "amp_bf16": not args.no_amp,
+        "gradient_release": args.gradient_release, "bucket_cap_mb": opt.bucket_cap_mb,
+        "clip": args.clip,
     }
     if rank0 and not step_s:
         print(f"nothing to train: the checkpoint is at step {start}, --steps is {args.steps}")
     elif rank0:
         print(f"done: loss {summary['first_loss']} -> {summary['last_loss']}; "
               f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {summary['step_ms']:.1f} ms/step, "
-              f"opt.step {100 * (summary['opt_share'] or 0):.1f}% of step time "
+              f"opt.step {100 * (summary['opt_share'] or 0):.1f}% of step time"
+              f"{' (the updates run inside backward)' if args.gradient_release else ''} "
               f"(steps after the first {WARMUP}); first step {summary['first_step_s']:.2f} s")
     if rank0 and args.out:
         with open(args.out, "w") as f:

@@ -1,6 +1,8 @@
 """examples/train_gpt.py on the CPU: the loss falls, and a run saved at step K and resumed to N
 ends bitwise where the uninterrupted N-step run ends (losses and every parameter), in one
 process (DCP without a process group), under FSDP2 and under tensor parallelism on 2 gloo ranks.
+With --gradient-release (one process): the same, and the run ends bitwise where the ordinary
+step without clipping (--clip 0) ends; clipping is refused with it.
 
 The 2-rank runs call the example's main() on ranks started by tests/ranks.py (one start for all
 of them); the one-process runs go through the command line, once compiled. Tiny model: d_model
@@ -25,6 +27,9 @@ EXAMPLE = os.path.join(ROOT, "examples", "train_gpt.py")
 TINY = ["--device", "cpu", "--d-model", "32", "--layers", "2", "--seq-len", "32",
         "--batch-size", "8", "--no-compile", "--no-bar", "--log-every", "1000"]
 N, K = 6, 3  # uninterrupted N steps; K steps, save, resume to N
+# Gradient release with buckets of about 20 kB of gradient: the tiny model's 160 kB are
+# several buckets, each launched from its own hook during backward.
+RELEASE = ["--gradient-release", "--bucket-cap-mb", "0.02"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -131,3 +136,41 @@ def test_compiled_one_process(tmp_path):
     assert summary["compiled"]
     losses = list(summary["losses"].values())
     assert losses[-1] < losses[0]
+
+
+def test_one_process_gradient_release_loss_falls_and_resumes_bitwise(tmp_path):
+    _split_runs(str(tmp_path), "release", RELEASE)
+    runs = _read(str(tmp_path), "release")
+    full = runs["full"]
+    assert full["gradient_release"] and full["bucket_cap_mb"] == 0.02 and full["clip"] == 0
+    _assert_loss_falls(full)
+    _assert_resumes_bitwise(runs)
+
+
+def test_one_process_gradient_release_equals_the_ordinary_step_without_clipping(tmp_path):
+    """The release path is specified bitwise equal to the ordinary step (SPEC.md, Gradient
+    release); clipping (the ordinary default, --clip 1.0) changes the run: the negative control."""
+    runs = {}
+    for tag, extra in (("release", RELEASE), ("plain", ["--clip", "0"]), ("clipped", [])):
+        _main(TINY + extra + ["--steps", str(N), "--out", str(tmp_path / f"{tag}.json")])
+        runs[tag] = json.load(open(tmp_path / f"{tag}.json"))
+    assert not runs["plain"]["gradient_release"] and runs["plain"]["clip"] == 0
+    assert runs["clipped"]["clip"] == 1.0
+    assert runs["release"]["losses"] == runs["plain"]["losses"]
+    assert runs["release"]["params_sha256"] == runs["plain"]["params_sha256"]
+    assert runs["clipped"]["params_sha256"] != runs["plain"]["params_sha256"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (RELEASE + ["--clip", "1"], "cannot be combined with --gradient-release"),
+    (["--bucket-cap-mb", "1"], "needs --gradient-release"),
+    (["--clip", "-1"], "must be >= 0"),
+])
+def test_clipping_and_bucket_size_options_are_checked(argv, match, capsys):
+    sys.path.insert(0, os.path.dirname(EXAMPLE))
+    import train_gpt
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt.parse_args(TINY + argv)
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err
