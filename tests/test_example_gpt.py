@@ -174,3 +174,25 @@ def test_clipping_and_bucket_size_options_are_checked(argv, match, capsys):
         train_gpt.parse_args(TINY + argv)
     assert exit_info.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def release_worker(rank, world, out):
+    _split_runs(out, "fsdp_release", ["--fsdp"] + RELEASE)
+    _main(TINY + ["--fsdp", "--clip", "0", "--steps", str(N),
+                  "--out", os.path.join(out, "fsdp_plain.json")])
+
+
+def test_fsdp_two_ranks_gradient_release(tmp_path):
+    """FSDP2 with --gradient-release on 2 gloo ranks: the loss falls, a resumed run continues
+    bitwise, and the run ends bitwise where the ordinary step without clipping ends."""
+    out = str(tmp_path)
+    run_ranks(release_worker, 2, out)
+    runs = _read(out, "fsdp_release")
+    full = runs["full"]
+    assert full["mesh"] == {"dp": 2, "tp": 1} and full["gradient_release"] and full["clip"] == 0
+    _assert_loss_falls(full)
+    _assert_resumes_bitwise(runs)
+    plain = json.load(open(os.path.join(out, "fsdp_plain.json")))
+    assert not plain["gradient_release"] and plain["mesh"] == full["mesh"]
+    assert full["losses"] == plain["losses"]
+    assert full["params_sha256"] == plain["params_sha256"]
