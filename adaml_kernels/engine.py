@@ -181,17 +181,19 @@ class StepEngine:
 
     # ----------------------------------------------------------------- gradient release
 
-    @torch.no_grad()
     def grad_ready(self, p, groups, state, reduced: bool = False) -> None:
         """p's gradient of this backward is complete and reduced across the ranks (its
         post-accumulate-grad hook, or with `reduced` DDP's all-reduce): count it, and launch
-        its bucket if that completes it."""
+        its bucket if that completes it. Most calls only count: grad mode is switched off for
+        the work that changes tensors alone (a no_grad() per hook costs more than the count)."""
         release = self.release
         if release.accumulating:
             return
         if not reduced and id(p) in release.hooks.fed_by_ddp:
             return  # autograd's hook, before DDP's all-reduce: the comm hook hands it over
-        self._begin_release_step(groups)
+        if not release.in_progress:
+            with torch.no_grad():
+                self._begin_release_step(groups)
         if release.world > 1 and not reduced and id(p) not in release.reduced_by_fsdp and \
                 id(p) in release.where and is_dtensor(p):
             release.check_reduced_by_fsdp(p)
@@ -200,8 +202,12 @@ class StepEngine:
             torch.autograd.Variable._execution_engine.queue_callback(
                 lambda: self._backward_ended(groups, state))
         bucket = release.arrived(p)
-        if bucket is None:
-            return
+        if bucket is not None:
+            with torch.no_grad():
+                self._launch_bucket(bucket, groups, state)
+
+    def _launch_bucket(self, bucket, groups, state) -> None:
+        release = self.release
         if bucket.fast is not None and release.launch_fast(
                 bucket, groups[bucket.group], state, self._release_inputs(groups, state),
                 self.release_skips):
