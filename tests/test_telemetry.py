@@ -331,3 +331,66 @@ def test_opcheck_with_telemetry(op):
     assert bucket.telemetry[:, 1].gt(0).all()  # every chunk wrote its squared change
     with pytest.raises((RuntimeError, ValueError), match="telemetry"):
         getattr(torch.ops.adaml_kernels, op)(*args[:-1], bucket.telemetry[:2])
+
+
+# ------------------------------------------------------------------ data parallel (2 gloo ranks)
+
+def _data_parallel_worker(rank, world, out_dir):
+    """DDP and FSDP2 on the cpu backend: each rank's figures, and telemetry.all_reduce's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from adaml_kernels.telemetry import all_reduce
+
+    results = {}
+    for kind in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.Tanh(),
+                                    torch.nn.Linear(33, 5))
+        if kind == "fsdp":
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            wrapped = model
+        else:
+            wrapped = DistributedDataParallel(model)
+        opt = AdamL(model.parameters(), lr=1e-2, eps=1e-4, backend="cpu", telemetry=True)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x = torch.randn(8, 16, generator=g)
+            loss = wrapped(x).pow(2).mean()
+            loss.backward()
+            opt.step(loss.detach())
+            opt.zero_grad()
+        local = {key: float(v) for key, v in opt.telemetry()[0].items()}
+        combined = {key: float(v) for key, v in all_reduce(opt.telemetry())[0].items()}
+        results[kind] = (local, combined)
+    torch.save(results, f"{out_dir}/telemetry_rank{rank}.pt")
+
+
+def test_data_parallel_figures_and_their_all_reduce(tmp_path):
+    from ranks import run_ranks
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs adaml_kernels._C")
+    run_ranks(_data_parallel_worker, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"telemetry_rank{r}.pt") for r in range(2)]
+    numel = 16 * 33 + 33 + 33 * 5 + 5
+    # DDP: replicas step alike, so every rank measures the same (the all-reduce, which counts
+    # every replica's elements, gives the same fractions)
+    ddp = [r["ddp"] for r in results]
+    assert ddp[0][0] == ddp[1][0] and ddp[0][0]["elements"] == numel
+    assert ddp[0][1]["elements"] == 2 * numel
+    for key in KEYS[:-1]:
+        assert ddp[0][1][key] == pytest.approx(ddp[0][0][key], rel=1e-12)
+    # FSDP2: each rank measures its shard; the all-reduce weighs them by their elements
+    local = [r["fsdp"][0] for r in results]
+    assert local[0]["elements"] + local[1]["elements"] == numel
+    assert 0 < local[0]["update_rms"] and 0 < local[1]["update_rms"]
+    n = [f["elements"] for f in local]
+    for key in ("sgd_like_fraction", "lost_update_fraction", "saturated_fraction"):
+        want = (local[0][key] * n[0] + local[1][key] * n[1]) / numel
+        assert results[0]["fsdp"][1][key] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    rms = math.sqrt((local[0]["update_rms"] ** 2 * n[0] + local[1]["update_rms"] ** 2 * n[1])
+                    / numel)
+    assert results[0]["fsdp"][1]["update_rms"] == pytest.approx(rms, rel=1e-12)
+    assert results[0]["fsdp"][1] == results[1]["fsdp"][1]
