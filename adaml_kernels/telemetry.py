@@ -26,8 +26,9 @@ _ELEMENTS = FIGURES
 
 
 class Telemetry:
-    """Per param group, the figures of its last step taken: a tensor in KEYS' order (a new one
-    each step, so that views handed out earlier keep their values)."""
+    """Per param group, the figures of its last step taken: a tensor in KEYS' order, updated in
+    place (so that a step captured in a CUDA graph updates it on every replay); `of_groups`
+    hands out copies."""
 
     def __init__(self):
         self.figures: list[torch.Tensor | None] = []
@@ -41,18 +42,20 @@ class Telemetry:
         for gi, buckets in enumerate(group_buckets):
             new = _group_figures([bucket for bucket, _ in buckets or ()], take.device)
             old = self.figures[gi]
-            if old is None:
-                old = torch.full_like(new, math.nan)
-            elif old.device != new.device:
-                old = move(old, new.device)
-            self.figures[gi] = torch.where(move(take, new.device) != 0, new, old)
+            if old is None or old.device != new.device or old.dtype != new.dtype:
+                old = self.figures[gi] = torch.full_like(new, math.nan)
+                old[_ELEMENTS] = 0
+            old.copy_(torch.where(move(take, new.device) != 0, new, old))
 
     def of_groups(self, num_groups: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """The figures as one dict of 0-dim tensors per group (NaN before its first step)."""
+        """The figures as one dict of 0-dim tensors per group (NaN before its first step): views
+        of a copy, which later steps leave as it is."""
         out = []
         for gi in range(num_groups):
             f = self.figures[gi] if gi < len(self.figures) else None
-            if f is None:
+            if f is not None:
+                f = f.clone()
+            else:
                 f = torch.full((len(KEYS),), math.nan, dtype=figures_dtype(device), device=device)
                 f[_ELEMENTS] = 0
             out.append({key: f[i] for i, key in enumerate(KEYS)})

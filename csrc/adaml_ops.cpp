@@ -373,6 +373,10 @@ template <typename C> struct CpuPlan {
 #define ADAML_INLINE inline
 #endif
 
+// Whether lost updates can occur (fp16/bf16 parameters): the loops add them up only then.
+template <typename Cfg>
+constexpr bool kHalfParam = Cfg::PT == kFloat16 || Cfg::PT == kBFloat16;
+
 // The figures of a span, summed (kTelemetry).
 template <typename C> struct SpanFigures {
   C sgd_like = C(0), squared_change = C(0), lost = C(0), saturated = C(0);
@@ -402,7 +406,7 @@ ADAML_INLINE SpanFigures<typename Cfg::C> update_span(typename Cfg::P* __restric
                                       index + static_cast<uint64_t>(i), s, on, Cfg::kSR, &f);
       sgd_like += f.sgd_like;
       squared_change += f.squared_change;
-      lost += f.lost;
+      if constexpr (kHalfParam<Cfg>) lost += f.lost;  // (always 0 for float32/float64)
       saturated += f.saturated;
     }
     out = SpanFigures<C>{sgd_like, squared_change, lost, saturated};
@@ -494,7 +498,7 @@ ADAML_INLINE SpanFigures<float> update_span_8bit(typename Cfg::P* __restrict p,
         measure_store<Cfg>(f, old, stored, before, pc, wf[i]);
         sgd_like += f.sgd_like;
         squared_change += f.squared_change;
-        lost += f.lost;
+        if constexpr (kHalfParam<Cfg>) lost += f.lost;
         saturated += f.saturated;
       }
       out.sgd_like += sgd_like;

@@ -195,6 +195,15 @@ def test_a_skipped_step_keeps_the_figures_of_the_last_step_taken(backend):
     opt.step(float("nan"))  # a host number: skipped before any launch
     assert all(torch.equal(a, b) for a, b in zip(
         [torch.stack([f[key] for key in KEYS]) for f in opt.telemetry()], after))
+    # what telemetry() returned stays as it was, whatever the later steps
+    kept = opt.telemetry()
+    values = [torch.stack([f[key] for key in KEYS]) for f in kept]
+    for p, g in zip(params, grads_for(params, 9)):
+        p.grad = g
+    opt.step(torch.tensor(0.5))
+    assert not torch.equal(torch.stack([opt.telemetry()[0][key] for key in KEYS]), values[0])
+    assert all(torch.equal(torch.stack([f[key] for key in KEYS]), v)
+               for f, v in zip(kept, values))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
