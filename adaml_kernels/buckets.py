@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import (ADDRESS_COLUMNS, CHUNK, DTYPE_CODES, MIN_8BIT_NUMEL, TABLE_COLUMNS,
-                     VECTOR_BYTES, Column, Config, signed_seed)
+from .layout import (ADDRESS_COLUMNS, CHUNK, DTYPE_CODES, FIGURES, MIN_8BIT_NUMEL,
+                     TABLE_COLUMNS, VECTOR_BYTES, Column, Config, signed_seed)
 
 
 def moment_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None = None,
@@ -47,6 +47,11 @@ def moment_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None = Non
     if state_dtype == torch.uint8 and numel is not None and numel < MIN_8BIT_NUMEL:
         return torch.float32
     return torch.float32 if state_dtype is None else state_dtype
+
+
+def telemetry_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of telemetry buffers and figures: float64, except where a device has none."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -89,11 +94,15 @@ class Bucket:
 
     A `staged` bucket holds parameters that are not dense; a fused backend updates them through
     dense copies (staging.py), never through this bucket's own table.
+
+    With `telemetry`, `self.telemetry` is the buffer its launches write their figures to
+    (telemetry.py): float64 [chunks, layout.FIGURES], zeros until a launch, summed over its rows.
     """
 
     def __init__(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, master_params=None,
                  param_indices=None, element_offsets=None, stochastic_rounding: bool = False,
-                 seed: int = 0, staged: bool = False, moment_scales=None):
+                 seed: int = 0, staged: bool = False, moment_scales=None,
+                 telemetry: bool = False):
         self.params = list(params)
         self.staged = staged  # updated through dense copies (staging.py)
         self.grads: list[torch.Tensor] | None = list(grads)  # None: released
@@ -111,6 +120,12 @@ class Bucket:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.flat_steps = _as_one_buffer(self.steps)
+        self.numel = sum(p.numel() for p in self.params)
+        self.telemetry: torch.Tensor | None = None
+        if telemetry:
+            chunks = sum(max(1, -(-p.numel() // CHUNK)) for p in self.params)
+            self.telemetry = torch.zeros((chunks, FIGURES), dtype=telemetry_dtype(self.device),
+                                         device=self.device)
         self._table: PointerTable | None = None
         # The launch values that hold as long as the bucket (layout.Config).
         self.config = Config(
@@ -167,10 +182,10 @@ class Bucket:
 
         (params!, grads, exp_avgs!, exp_avg_sqs!, steps, master_params!, moment_scales!, rows,
          rows_host, chunk_tensor, hyper, config, loss, take, lr_tensor?, grad_scale?,
-         initial_loss?)
+         initial_loss?, telemetry!?)
 
         `hyper` and `config` are layout.Hyper and layout.Config; `master_params` is [] without
-        master weights, `moment_scales` [] without 8-bit moments. `inputs` (loss.StepInputs) are
+        master weights, `moment_scales` [] without 8-bit moments, `telemetry` None without it. `inputs` (loss.StepInputs) are
         on the bucket's device; the launch only reads them.
         """
         table = self.table()
@@ -182,6 +197,7 @@ class Bucket:
             self.master_params or [], self.moment_scales or [], table.rows, table.rows_host,
             table.chunk_tensor, hp.launch_values(), self.config, inputs.loss, inputs.take, lr_tensor,
             inputs.grad_scale, inputs.initial_loss if hp.normalize_loss else None,
+            self.telemetry,
         )
 
 

@@ -35,6 +35,7 @@ from .grad_release import NO_LOSS, GradientRelease
 from .hyperparams import Hyperparams
 from .loss import PendingLoss
 from .precision import Precision
+from .telemetry import Telemetry
 from .tensor_checks import is_dtensor
 
 
@@ -42,8 +43,9 @@ class StepEngine:
     """The runtime of one optimizer's steps (see the module docstring)."""
 
     def __init__(self, backend: str, loss_group, precision: Precision,
-                 release: GradientRelease | None = None):
+                 release: GradientRelease | None = None, telemetry: Telemetry | None = None):
         self.release = release  # None: the ordinary step
+        self.telemetry = telemetry  # None: the kernels measure nothing
         self.release_skips: torch.Tensor | None = None  # a launch's own skip count, unused
         self.backend = backend
         self.loss_group = loss_group
@@ -131,6 +133,8 @@ class StepEngine:
                      refresh=False)
         for plan in self.plans:
             plan.grads_repointed()
+        if self.telemetry is not None:
+            self.telemetry.record([plan.buckets for plan in self.plans], fast.take)
         self.pending.take()
         self.taken = fast.take
         return loss
@@ -169,10 +173,15 @@ class StepEngine:
             inputs = losses.settle(loss_t, found_inf, grad_scale, self.initial_loss)
             self.taken = inputs.take
             on_device = {}
+            launched = []
             for plan, group, (params, grads) in zip(self.plans, groups, actives):
+                launched.append(None)
                 if plan is not None and plan.buckets and params:
                     plan.attach_grads(grads)
                     planning.run(plan.buckets, Hyperparams.from_group(group), inputs, on_device)
+                    launched[-1] = plan.buckets
+            if self.telemetry is not None:
+                self.telemetry.record(launched, inputs.take)
             self._count_skip(inputs.take, groups)
             self.fast = FastPath.build(groups, self.plans, self.initial_loss.device)
         finally:
@@ -382,7 +391,7 @@ class StepEngine:
             else:
                 self.plans[gi] = planning.make_group_plan(
                     params, grads, names, state, self.packed, self.precision,
-                    _param_indices(groups))
+                    _param_indices(groups), telemetry=self.telemetry is not None)
                 for p in params:
                     self.share_scalars(state[p], groups)
         self.planned_state, self.planned_state_version = state, state.version

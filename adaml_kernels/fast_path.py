@@ -44,7 +44,7 @@ class FastPath:
         self.groups = groups
         self.check_args = check_args  # what the gradients' check compares: slots, layout record
         self.launch_args = launch_args  # rows, host rows, chunk maps, configs, bucket groups,
-        # and the prologue's table
+        # the prologue's table, and the buckets' telemetry buffers (none without telemetry)
         self.take = take
         self.device = device
         # one tensor per flat buffer the launches write through the tables (moments, master
@@ -90,7 +90,8 @@ class FastPath:
         prologue_tables = torch.tensor(counts, dtype=torch.int64).reshape(-1, 2).to(device)
         launch_args = (rows, rows_hosts, [t.chunk_tensor for t in tables],
                        [value for bucket in buckets for value in bucket.config], bucket_groups,
-                       prologue_tables)
+                       prologue_tables,
+                       [b.telemetry for b in buckets if b.telemetry is not None])
         take = torch.zeros((), dtype=torch.float32, device=device)
         return FastPath(groups, check_args, launch_args, take, device, _state_buffers(buckets))
 
@@ -135,11 +136,11 @@ class FastPath:
             lr_tensors.append(lr.reshape(()) if isinstance(lr, torch.Tensor) else None)
             hypers.extend(group_launch_values(group))
         slots, record = self.check_args if refresh else self.no_check_args
-        rows, rows_hosts, chunks, configs, bucket_groups, tables = self.launch_args
+        rows, rows_hosts, chunks, configs, bucket_groups, tables, telemetry = self.launch_args
         torch.ops.adaml_kernels.fast_step_.default(
             self._params() if refresh else [], slots, record, self.status, rows, rows_hosts,
             chunks, configs, bucket_groups, hypers, lr_tensors, loss_t, found_inf, grad_scale,
-            initial_loss, skipped, self.take, tables)
+            initial_loss, skipped, self.take, tables, telemetry)
         if self.status_value[0] == _CHANGED:
             return False
         torch.autograd.graph.increment_version(self.state_buffers)

@@ -5,6 +5,7 @@
 - The dtype codes of the tensors the kernels read element by element.
 - The stochastic-rounding hash's constants (precision.py), and the 8-bit moments' block size.
 - A launch's values: `Hyper` (float[] in the op schemas) and `Config` (int[]).
+- The columns of a telemetry buffer (`Figure`): what a launch with telemetry counts.
 
 The C++ and CUDA copy is csrc/adaml_update.h; the op adaml_kernels::layout_constants returns
 it, and tests/test_layout.py checks that it agrees with this module and with triton_kernel.py.
@@ -49,6 +50,20 @@ QUANT_BLOCK = 256
 MIN_8BIT_NUMEL = 4096
 QUANT_MANTISSA_BITS = 3  # 8-bit codes' mantissa bits
 QUANT_RANDOM_BITS = 23 - QUANT_MANTISSA_BITS  # stochastic rounding's random bits per code
+
+
+
+class Figure(IntEnum):
+    """The columns of a bucket's telemetry buffer (telemetry.py): float64 [rows, FIGURES], one
+    row per chunk (fused kernels) or per tensor (reference), summed over the rows."""
+
+    SGD_LIKE = 0  # elements with eps * l >= (1 - b2) g^2 / (gamma l^phi)
+    SQUARED_CHANGE = 1  # sum of (p_new - p_old)^2 of the parameter as stored
+    LOST = 2  # fp16/bf16 elements with a nonzero update whose stored value did not change
+    SATURATED = 3  # elements whose w saturated at the moment dtype's largest finite value
+
+
+FIGURES = len(Figure)
 
 # The hash of stochastic rounding (precision.py has the definition).
 MIX_1 = 0x21F0AAAD
@@ -96,7 +111,9 @@ def constants() -> dict[str, int]:
            "hyper_fields": len(Hyper._fields), "config_fields": len(Config._fields),
            "mix_1": MIX_1, "mix_2": MIX_2, "seed_salt": SEED_SALT, "sq_stream": SQ_STREAM,
            "quant_block": QUANT_BLOCK, "min_8bit_numel": MIN_8BIT_NUMEL,
-           "quant_mantissa_bits": QUANT_MANTISSA_BITS, "quant_random_bits": QUANT_RANDOM_BITS}
+           "quant_mantissa_bits": QUANT_MANTISSA_BITS, "quant_random_bits": QUANT_RANDOM_BITS,
+           "figures": FIGURES}
+    out.update({f"figure_{f.name.lower()}": int(f) for f in Figure})
     out.update({f"column_{c.name.lower()}": int(c) for c in Column})
     out.update({f"dtype_{str(d).removeprefix('torch.')}": code for d, code in DTYPE_CODES.items()})
     out.update({f"hyper_{name}": i for i, name in enumerate(Hyper._fields)})

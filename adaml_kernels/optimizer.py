@@ -20,6 +20,7 @@ from .grad_release import DEFAULT_BUCKET_CAP_MB, GradientRelease, ReleaseHooks, 
 from .hyperparams import DEFAULTS, validate_group
 from .precision import MASTER_KEY, Precision
 from .state import TrackedState, first_value, import_param_state, saved_scalar
+from .telemetry import Telemetry
 from .tensor_checks import check_param
 
 
@@ -65,6 +66,9 @@ class AdamL(torch.optim.Optimizer):
         bucket_cap_mb: under gradient_release, the most gradient bytes (MiB) of one bucket, and
             so about how many gradients are alive at once (default 25; a larger tensor gets a
             bucket of its own).
+        telemetry: the kernels also measure, per param group, the share of SGD-like elements,
+            the update's RMS, the share of lost fp16/bf16 updates and of saturated w; read them
+            with ``opt.telemetry()`` (docs/telemetry.md). Off (default): compiled out.
 
     State: per parameter, torch.optim.Adam's ``step``, ``exp_avg`` and ``exp_avg_sq`` (views of
     flat per-bucket buffers; modify them in place or through load_state_dict),
@@ -101,6 +105,7 @@ class AdamL(torch.optim.Optimizer):
         seed: int = 0,
         gradient_release: bool = False,
         bucket_cap_mb: float | None = None,
+        telemetry: bool = False,
     ):
         backends.check_name(backend)
         precision = Precision(stochastic_rounding, master_weights, state_dtype, seed)
@@ -114,6 +119,11 @@ class AdamL(torch.optim.Optimizer):
                 "gradient_release=True cannot be combined with amp_scaling=False: GradScaler "
                 "unscales and checks the gradients after backward, once the buckets have "
                 "stepped and freed them")
+        if not isinstance(telemetry, bool):
+            raise ValueError(f"Invalid telemetry: {telemetry!r} (must be a bool)")
+        if telemetry and gradient_release:
+            raise ValueError("telemetry=True cannot be combined with gradient_release=True yet: "
+                             "the buckets of a group step apart, during backward")
         release_cap = None if not gradient_release else check_bucket_cap(
             DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb)
         defaults = dict(
@@ -132,7 +142,7 @@ class AdamL(torch.optim.Optimizer):
         self.amp_scaling = amp_scaling
         self._release_hooks = None if release_cap is None else _new_hooks(self)
         self.engine = StepEngine(backend, loss_group, precision, _release(
-            release_cap, self._release_hooks))
+            release_cap, self._release_hooks), Telemetry() if telemetry else None)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------- settings
@@ -231,6 +241,7 @@ class AdamL(torch.optim.Optimizer):
             "_skipped": engine.skipped,
             "_initial_loss": engine.initial_loss,
             "_bucket_cap_mb": None if engine.release is None else engine.release.bucket_cap_mb,
+            "_telemetry": engine.telemetry is not None,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -238,13 +249,15 @@ class AdamL(torch.optim.Optimizer):
         # load_state_dict (with state and param_groups only: the settings stay as they are).
         state = dict(state)
         engine = self.__dict__.get("engine")
-        current = ("auto", "world", Precision(), None, None, True, None) if engine is None \
-            else (engine.backend, engine.loss_group, engine.precision, engine.skipped,
-                  engine.initial_loss, self._step_supports_amp_scaling,
-                  None if engine.release is None else engine.release.bucket_cap_mb)
+        current = ("auto", "world", Precision(), None, None, True, None, False) \
+            if engine is None else (
+                engine.backend, engine.loss_group, engine.precision, engine.skipped,
+                engine.initial_loss, self._step_supports_amp_scaling,
+                None if engine.release is None else engine.release.bucket_cap_mb,
+                engine.telemetry is not None)
         saved = {key: state.pop(key, default) for key, default in zip(
             ("backend", "loss_group", "precision", "_skipped", "_initial_loss",
-             "_step_supports_amp_scaling", "_bucket_cap_mb"), current)}
+             "_step_supports_amp_scaling", "_bucket_cap_mb", "_telemetry"), current)}
         tracked = state.pop("state", None)
         super().__setstate__(state)
         self.state = {} if tracked is None else tracked
@@ -262,8 +275,12 @@ class AdamL(torch.optim.Optimizer):
                 self._release_hooks.add(group["params"])
         elif release_cap is None:
             self._release_hooks = None
+        # (load_state_dict keeps the figures measured so far; a copy starts afresh)
+        telemetry = None if not saved["_telemetry"] else (
+            engine.telemetry if engine is not None and engine.telemetry is not None
+            else Telemetry())
         self.engine = StepEngine(saved["backend"], saved["loss_group"], saved["precision"],
-                                 _release(release_cap, self._release_hooks))
+                                 _release(release_cap, self._release_hooks), telemetry)
         self.engine.load_scalars(saved["_initial_loss"], saved["_skipped"])
 
     def state_dict(self) -> dict:
@@ -381,6 +398,19 @@ class AdamL(torch.optim.Optimizer):
         """Per param group, the buckets of its current plan: backend, device, dtype, tensors and
         elements. Empty for a group that has not been stepped with gradients yet."""
         return self.engine.describe(len(self.param_groups))
+
+    def telemetry(self) -> list[dict[str, torch.Tensor]]:
+        """Per param group, the figures of its last step taken (SPEC.md, Telemetry), as 0-dim
+        tensors on the device (reading one is the caller's sync; the step never syncs):
+        ``sgd_like_fraction``, ``update_rms``, ``lost_update_fraction``, ``saturated_fraction``,
+        over the group's ``elements`` updated in that step. NaN before the group's first step
+        taken, and after a step in which it updated no element. Needs telemetry=True.
+        (docs/telemetry.md; telemetry.all_reduce combines the ranks' figures.)"""
+        engine = self.engine
+        if engine.telemetry is None:
+            raise RuntimeError("telemetry() needs AdamL(..., telemetry=True)")
+        return engine.telemetry.of_groups(len(self.param_groups),
+                                          engine.home_device(self.param_groups))
 
     # ----------------------------------------------------------------------------- loss
 

@@ -162,12 +162,14 @@ def check_group(params, grads, state, requested: str,
 
 
 def make_group_plan(params, grads, names, state, packed: dict,
-                    low: Precision = DEFAULT_PRECISION, index_of: dict | None = None) -> GroupPlan:
+                    low: Precision = DEFAULT_PRECISION, index_of: dict | None = None, *,
+                    telemetry: bool = False) -> GroupPlan:
     """The plan of a group's parameters that have gradients (checked by check_group). Lays out
     state where it does not fit (pack_state; `packed` is its record).
 
     `low` holds the low-precision options; `index_of` maps id(p) to the parameter's index in the
-    optimizer (stochastic rounding's j; default: its position in `params`).
+    optimizer (stochastic rounding's j; default: its position in `params`); with `telemetry`
+    every bucket gets a telemetry buffer (telemetry.py).
     """
     by_bucket: dict[tuple, list[int]] = {}
     for i, (p, g, name) in enumerate(zip(params, grads, names)):
@@ -193,6 +195,7 @@ def make_group_plan(params, grads, names, state, packed: dict,
             staged=staged,
             moment_scales=[local(st[key]) for key in quant8.SCALE_KEYS.values() for st in views]
             if mdt == torch.uint8 else None,
+            telemetry=telemetry,
         )
         buckets.append((bucket, name))
         members.append(idx)

@@ -6,7 +6,8 @@ element-wise update in the compute dtype (float32, or float64 for float64 parame
 new parameter is rounded once on store. A skipped step is masked with torch.where, so the loss
 is never read on the host. Low precision (precision.py): the update reads the float32 master
 weight instead of the parameter where there is one, and values stored as bf16 are rounded
-stochastically when the bucket asks for it, with the fused kernels' random bits.
+stochastically when the bucket asks for it, with the fused kernels' random bits. With a
+telemetry buffer (telemetry.py), row i gets tensor i's figures (layout.Figure).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from . import precision, quant8
 from .buckets import Bucket
 from .hyperparams import Hyperparams
-from .layout import L_MIN
+from .layout import L_MIN, Figure
 from .loss import StepInputs, move
 
 
@@ -31,6 +32,7 @@ def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
     masters = bucket.master_params or [None] * len(bucket.params)
     n = len(bucket.params)
     scales = bucket.moment_scales or [None] * (2 * n)
+    telemetry = bucket.telemetry
     for i, p in enumerate(bucket.params):
         bits = None
         if precision.rounds_stochastically(bucket.stochastic_rounding, p.dtype,
@@ -41,11 +43,12 @@ def step(bucket: Bucket, hp: Hyperparams, inputs: StepInputs) -> None:
         _update(
             p, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i], bucket.steps[i], f1,
             hp, lr, loss, taken, inputs.grad_scale, masters[i], bits, scales[i], scales[n + i],
+            None if telemetry is None else telemetry[i],
         )
 
 
 def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, master,
-            bits, m_scale=None, w_scale=None) -> None:
+            bits, m_scale=None, w_scale=None, figures=None) -> None:
     compute = torch.float64 if p.dtype == torch.float64 else torch.float32
     big = torch.finfo(compute).max
 
@@ -59,6 +62,7 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
     # 3. gradient transforms and weight decay
     g = g.to(compute)
     param = p.to(compute) if master is None else master
+    before = param
     if hp.maximize:
         g = -g
     if grad_scale is not None:
@@ -82,8 +86,9 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
     root = torch.clamp(coef.sqrt(), max=big).to(compute)
     capped = torch.clamp(coef, max=big).to(compute) * (g * g).clamp(max=big)
     term = torch.where(split, (g * root) * (g * root), capped)
-    w_new = (b2 * w_old + term + torch.clamp(hp.eps * l, max=big).to(compute)).clamp(
-        max=big)
+    eps_l = torch.clamp(hp.eps * l, max=big).to(compute)
+    w_exact = b2 * w_old + term + eps_l
+    w_new = w_exact.clamp(max=big)
 
     # 6-7. bias correction and parameter update
     m_hat = m_new / (1 - b1**k)
@@ -94,7 +99,10 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
     # Each array rounded once on store (stochastically with `bits` where it is bf16).
     w_bits = None if bits is None else precision.exp_avg_sq_bits(bits)
     m_bits = None if bits is None else bits >> 16
-    p.copy_(torch.where(taken, precision.store(param, p.dtype, bits), p))
+    stored = precision.store(param, p.dtype, bits)
+    if figures is not None:
+        _measure(figures, p, stored, before, param, term, eps_l, w_exact, w.dtype)
+    p.copy_(torch.where(taken, stored, p))
     if master is not None:
         master.copy_(torch.where(taken, param, master))
     if m_scale is not None:  # 8-bit moments: encoded, each block's scale from its new values
@@ -110,3 +118,20 @@ def _update(p, g, m, w, step, f1, hp: Hyperparams, lr, loss, taken, grad_scale, 
         return
     m.copy_(torch.where(taken, precision.store_moment(m_new, m.dtype, m_bits), m))
     w.copy_(torch.where(taken, precision.store_moment(w_new, w.dtype, w_bits), w))
+
+
+def _measure(figures, p, stored, before, after, term, eps_l, w_exact, moment_dtype) -> None:
+    """A tensor's telemetry (SPEC.md, Telemetry) into `figures` (its row, layout.Figure): p is
+    the parameter as stored before the step, `stored` after it; before/after the values the
+    update read and computed (in the compute dtype)."""
+    compute = before.dtype
+    change = stored.to(compute) - p.to(compute)
+    top = precision.BFLOAT16_MAX if moment_dtype == torch.bfloat16 else torch.finfo(compute).max
+    row = torch.zeros(len(Figure), dtype=figures.dtype, device=p.device)
+    row[Figure.SGD_LIKE] = (eps_l >= term).sum()
+    row[Figure.SQUARED_CHANGE] = (change * change).sum(dtype=figures.dtype)
+    if p.dtype in precision.HALF:  # (the stored values' bits: as the kernels compare them)
+        kept = stored.view(torch.int16) == p.view(torch.int16)
+        row[Figure.LOST] = ((after != before) & kept).sum()
+    row[Figure.SATURATED] = (w_exact > top).sum()
+    figures.copy_(row)

@@ -33,6 +33,7 @@ def step(step_function, bucket: Bucket, hp, inputs) -> None:
         bucket.steps, master_params=bucket.master_params, param_indices=bucket.param_indices,
         element_offsets=bucket.element_offsets, stochastic_rounding=bucket.stochastic_rounding,
         seed=bucket.seed)
+    dense.telemetry = bucket.telemetry  # (the same rows: one per chunk of the same tensors)
     step_function(dense, hp, inputs)
     for p, updated in zip(bucket.params, params):
         p.copy_(updated)

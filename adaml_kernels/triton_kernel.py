@@ -6,7 +6,8 @@ the parameters stay where the model put them. Per program, the step-dependent sc
 loss, bias corrections) are computed once in float64; the element-wise update runs in float32
 and each array is read and written exactly once. With 8-bit moments (uint8 codes,
 quant8.py) a chunk is its blocks of QUANT_BLOCK elements, decoded and encoded by
-triton_quant8.py's helpers.
+triton_quant8.py's helpers. With TELEMETRY, each program also sums its chunk's figures
+(SPEC.md, Telemetry; layout.Figure) into the chunk's row of the telemetry buffer.
 
 The loss, the step counts and the take/skip flag are read from device memory: the launch needs
 no host synchronisation and can be captured in a CUDA graph. On a machine without a GPU the same
@@ -27,8 +28,9 @@ import triton.language as tl
 
 from .buckets import Bucket, build_table, rows_aligned, table_matches
 from .hyperparams import Hyperparams
-from .layout import (CHUNK, L_MIN, MIX_1 as _MIX_1, MIX_2 as _MIX_2, SEED_SALT as _SEED_SALT,
-                     SQ_STREAM as _SQ_STREAM, DTYPE_CODES, TABLE_COLUMNS, Column, Config, Hyper)
+from .layout import (CHUNK, FIGURES as _FIGURES, L_MIN, MIX_1 as _MIX_1, MIX_2 as _MIX_2,
+                     SEED_SALT as _SEED_SALT, SQ_STREAM as _SQ_STREAM, DTYPE_CODES, TABLE_COLUMNS,
+                     Column, Config, Figure, Hyper)
 from .loss import StepInputs
 from .precision import rounds_stochastically
 from .quant8 import num_blocks
@@ -62,6 +64,11 @@ PARAM_INDEX_COLUMN = tl.constexpr(int(Column.PARAM_INDEX))
 ELEMENT_OFFSET_COLUMN = tl.constexpr(int(Column.ELEMENT_OFFSET))
 EXP_AVG_SCALE_COLUMN = tl.constexpr(int(Column.EXP_AVG_SCALE))
 EXP_AVG_SQ_SCALE_COLUMN = tl.constexpr(int(Column.EXP_AVG_SQ_SCALE))
+FIGURES = tl.constexpr(_FIGURES)
+SGD_LIKE_FIGURE = tl.constexpr(int(Figure.SGD_LIKE))
+SQUARED_CHANGE_FIGURE = tl.constexpr(int(Figure.SQUARED_CHANGE))
+LOST_FIGURE = tl.constexpr(int(Figure.LOST))
+SATURATED_FIGURE = tl.constexpr(int(Figure.SATURATED))
 
 
 @triton.jit
@@ -115,7 +122,9 @@ def _update_values(
     step_size, weight_decay, decay,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
 ):
-    """Steps 3-7 on float32 values: the new p, m and w (shared by the float and 8-bit paths)."""
+    """Steps 3-7 on float32 values: the new p, m and w (shared by the float and 8-bit paths),
+    and for telemetry whether each element is SGD-like and whether its w saturated (unused,
+    and so compiled away, without TELEMETRY)."""
     if MAXIMIZE:
         g = -g
     if HAS_GRAD_SCALE:
@@ -131,14 +140,43 @@ def _update_values(
     g2 = g * g
     g2 = tl.where(g2 > FLOAT32_MAX, FLOAT32_MAX, g2)
     term = tl.where(split_g2, (g * root_g2) * (g * root_g2), coef_g2 * g2)
+    sgd_like = coef_eps >= term
     w = beta2 * w + term + coef_eps
-    w = tl.where(w > FLOAT32_MAX, FLOAT32_MAX, w)
+    saturated = w > FLOAT32_MAX
+    w = tl.where(saturated, FLOAT32_MAX, w)
     # IEEE division and square root keep the result within an ulp or two of the reference;
     # where w == 0 the quotient is 0 (and no 0/0 is formed).
     nonzero = w != 0.0
     quotient = tl.where(nonzero, tl.div_rn(m, tl.sqrt_rn(tl.where(nonzero, w, 1.0))), 0.0)
     p = p - step_size * quotient
-    return p, m, w
+    return p, m, w, sgd_like, saturated
+
+
+@triton.jit
+def _store_figures(telemetry_ptr, take, valid, old, stored, before, after, sgd_like, saturated,
+                   w, PARAM: tl.constexpr, MOMENT: tl.constexpr):
+    """The chunk's figures (layout.Figure) into its row, over the `valid` elements: `old` and
+    `stored` are the parameter as stored before and after, `before` and `after` the float32
+    values the update read and computed, `w` the new w (float32, before rounding on store). A
+    skipped step (`take` false) writes nothing."""
+    change = stored.to(tl.float32) - old.to(tl.float32)
+    squared = tl.sum(tl.where(valid, change * change, 0.0))
+    sgd = tl.sum(tl.where(valid, tl.where(sgd_like, 1.0, 0.0), 0.0))
+    if MOMENT == tl.bfloat16:
+        saturated = w > BFLOAT16_MAX  # bf16 moments saturate at bf16's largest value
+    saturated_count = tl.sum(tl.where(valid, tl.where(saturated, 1.0, 0.0), 0.0))
+    if PARAM == tl.float32:
+        lost = tl.sum(tl.where(valid, 0.0, 0.0))
+    else:  # the stored values' bits, as the C++ kernels compare them
+        kept = stored.to(tl.uint16, bitcast=True) == old.to(tl.uint16, bitcast=True)
+        lost = tl.sum(tl.where(valid, tl.where(kept, tl.where(after != before, 1.0, 0.0), 0.0),
+                               0.0))
+    columns = tl.arange(0, FIGURES)
+    values = tl.where(columns == SGD_LIKE_FIGURE, sgd,
+                      tl.where(columns == SQUARED_CHANGE_FIGURE, squared,
+                               tl.where(columns == LOST_FIGURE, lost, saturated_count)))
+    tl.store(telemetry_ptr + columns, values.to(tl.float64),
+             mask=columns < tl.where(take, FIGURES, 0))
 
 
 @triton.jit
@@ -180,15 +218,20 @@ def _store_param(p, bits, p_ptr, x_ptr, offs, mask, PARAM: tl.constexpr,
 def _update_chunk(
     p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, mask, grad_scale,
     beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-    weight_decay, decay, key, index_base,
+    weight_decay, decay, key, index_base, valid, telemetry_ptr, take,
     PARAM: tl.constexpr, MOMENT: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
+    TELEMETRY: tl.constexpr,
 ):
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    old = None
+    if TELEMETRY:
+        old = tl.load(p_ptr + offs, mask=mask)
     p = _load_param(p_ptr, x_ptr, offs, mask, MASTER)
+    before = p
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
-    p, m, w = _update_values(
+    p, m, w, sgd_like, saturated = _update_values(
         p, g, m, w, grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2,
         coef_eps, step_size, weight_decay, decay, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
     )
@@ -199,15 +242,19 @@ def _update_chunk(
     if SR:
         w_bits = _exp_avg_sq_bits(bits)
     tl.store(w_ptr + offs, _store_moment(w, w_bits, MOMENT, SR), mask=mask)
+    if TELEMETRY:
+        _store_figures(telemetry_ptr, take, valid, old, _store_as(p, bits, PARAM, SR), before,
+                       p, sgd_like, saturated, w, PARAM, MOMENT)
 
 
 @triton.jit
 def _update_chunk_8bit(
     p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, m_scale_ptr, w_scale_ptr, offs, mask, block_mask,
     grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-    weight_decay, decay, key, index_base,
+    weight_decay, decay, key, index_base, valid, telemetry_ptr, take,
     PARAM: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECAY_MODE: tl.constexpr,
+    TELEMETRY: tl.constexpr,
 ):
     """_update_chunk for 8-bit moments: offs is the chunk as (blocks, QUANT_BLOCK), the scale
     pointers point at its first block's scales. The moments are decoded with the old scales,
@@ -215,10 +262,14 @@ def _update_chunk_8bit(
     from its new values; under SR the codes round stochastically (adaml_quant8.h
     exp_avg_code_bits, exp_avg_sq_code_bits) and a bf16 param as in _update_chunk."""
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    old = None
+    if TELEMETRY:
+        old = tl.load(p_ptr + offs, mask=mask)
     p = _load_param(p_ptr, x_ptr, offs, mask, MASTER)
+    before = p
     m = load_blocks(m_ptr, m_scale_ptr, offs, mask, block_mask, EXP_AVG_MAP)
     w = load_blocks(w_ptr, w_scale_ptr, offs, mask, block_mask, EXP_AVG_SQ_MAP)
-    p, m, w = _update_values(
+    p, m, w, sgd_like, saturated = _update_values(
         p, g, m, w, grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2,
         coef_eps, step_size, weight_decay, decay, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE,
     )
@@ -232,17 +283,22 @@ def _update_chunk_8bit(
         w_random = (_exp_avg_sq_bits(sq) >> 12).to(tl.int32)
     store_blocks(m, m_ptr, m_scale_ptr, offs, mask, block_mask, m_random, EXP_AVG_MAP)
     store_blocks(w, w_ptr, w_scale_ptr, offs, mask, block_mask, w_random, EXP_AVG_SQ_MAP)
+    if TELEMETRY:
+        _store_figures(telemetry_ptr, take, valid, old, _store_as(p, bits, PARAM, SR), before,
+                       p, sgd_like, saturated, w, PARAM, tl.uint8)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def adaml_kernel(
     rows_ptr, chunk_tensor_ptr, loss_ptr, take_ptr, lr_ptr, grad_scale_ptr, initial_loss_ptr,
+    telemetry_ptr,
     lr, beta1, one_minus_beta1, log_beta1, beta2, one_minus_beta2, log_beta2,
     eps, gamma, phi_hi, phi_lo, loss_offset_hi, loss_offset_lo, weight_decay, seed_lo, seed_hi,
     PARAM: tl.constexpr, GRAD: tl.constexpr, MOMENT: tl.constexpr, MASTER: tl.constexpr,
     SR: tl.constexpr, NORMALIZE: tl.constexpr, MAXIMIZE: tl.constexpr,
     DECAY_MODE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     ALIGNED: tl.constexpr, CHUNK: tl.constexpr, COLUMNS: tl.constexpr, L_MIN: tl.constexpr,
+    TELEMETRY: tl.constexpr,
 ):
     # Scalar arguments arrive as float32 (Triton's float argument type); widen once. phi and
     # loss_offset come as float32 (hi, lo) pairs: their rounding error would be amplified
@@ -320,6 +376,7 @@ def adaml_kernel(
         key = _mix32(key ^ tl.load(row + PARAM_INDEX_COLUMN).to(tl.uint32))
 
     offs = start + tl.arange(0, CHUNK)
+    telemetry_ptr += chunk * FIGURES  # this chunk's row (TELEMETRY only)
     if MOMENT == tl.uint8:
         # 8-bit moments: a chunk starts on a block boundary (CHUNK is a multiple of
         # QUANT_BLOCK), so it is CHUNK // QUANT_BLOCK whole blocks, one per row.
@@ -330,12 +387,15 @@ def adaml_kernel(
         w_scale_ptr = tl.load(row + EXP_AVG_SQ_SCALE_COLUMN).to(tl.pointer_type(tl.float32))
         m_scale_ptr += first_block
         w_scale_ptr += first_block
+        valid = None
+        if TELEMETRY:
+            valid = offs < numel
         if start + CHUNK <= numel:
             _update_chunk_8bit(
                 p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, m_scale_ptr, w_scale_ptr, offs, None, None,
                 grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps,
-                step_size, weight_decay, decay, key, index_base, PARAM, MASTER, SR, MAXIMIZE,
-                HAS_GRAD_SCALE, DECAY_MODE,
+                step_size, weight_decay, decay, key, index_base, valid, telemetry_ptr, take,
+                PARAM, MASTER, SR, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE, TELEMETRY,
             )
         else:
             # The tail: masked elements count as 0 in a block's max and are not stored; a
@@ -344,23 +404,23 @@ def adaml_kernel(
                 p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, m_scale_ptr, w_scale_ptr, offs, offs < numel,
                 start + blocks * QUANT_BLOCK < numel,
                 grad_scale, beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps,
-                step_size, weight_decay, decay, key, index_base, PARAM, MASTER, SR, MAXIMIZE,
-                HAS_GRAD_SCALE, DECAY_MODE,
+                step_size, weight_decay, decay, key, index_base, valid, telemetry_ptr, take,
+                PARAM, MASTER, SR, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE, TELEMETRY,
             )
     elif start + CHUNK <= numel:
         # Full chunk: no mask, so aligned data is moved with 16-byte vector accesses.
         _update_chunk(
             p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, None, grad_scale,
             beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-            weight_decay, decay, key, index_base, PARAM, MOMENT, MASTER, SR, MAXIMIZE,
-            HAS_GRAD_SCALE, DECAY_MODE,
+            weight_decay, decay, key, index_base, offs < numel, telemetry_ptr, take, PARAM,
+            MOMENT, MASTER, SR, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE, TELEMETRY,
         )
     else:
         _update_chunk(
             p_ptr, g_ptr, m_ptr, w_ptr, x_ptr, offs, offs < numel, grad_scale,
             beta1, one_minus_beta1, beta2, coef_g2, root_g2, split_g2, coef_eps, step_size,
-            weight_decay, decay, key, index_base, PARAM, MOMENT, MASTER, SR, MAXIMIZE,
-            HAS_GRAD_SCALE, DECAY_MODE,
+            weight_decay, decay, key, index_base, offs < numel, telemetry_ptr, take, PARAM,
+            MOMENT, MASTER, SR, MAXIMIZE, HAS_GRAD_SCALE, DECAY_MODE, TELEMETRY,
         )
 
 
@@ -381,7 +441,8 @@ def _log(beta: float) -> float:
 
 @torch.library.custom_op(
     "adaml_kernels::triton_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params", "moment_scales"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "master_params", "moment_scales",
+                  "telemetry"),
 )
 def triton_step_(
     params: list[torch.Tensor],
@@ -401,6 +462,7 @@ def triton_step_(
     lr_tensor: Optional[torch.Tensor],
     grad_scale: Optional[torch.Tensor],
     initial_loss: Optional[torch.Tensor],
+    telemetry: Optional[torch.Tensor] = None,
 ) -> None:
     """One AdamL step over the tensors of a bucket, in one launch (schema: Bucket.fused_op_args)."""
     h, cfg = Hyper(*hyper), Config(*config)
@@ -423,6 +485,11 @@ def triton_step_(
         )
     if num_chunks == 0:
         return
+    if telemetry is not None and (
+            telemetry.dtype != torch.float64 or tuple(telemetry.shape) != (num_chunks, _FIGURES)
+            or not telemetry.is_contiguous() or telemetry.device != params[0].device):
+        raise ValueError(f"triton_step_: telemetry must be a contiguous float64 tensor of shape "
+                         f"({num_chunks}, {_FIGURES}) on {params[0].device}")
     if h.normalize_loss and initial_loss is None:
         raise ValueError("normalize_loss=True needs initial_loss (f_1)")
     if h.weight_decay == 0:
@@ -439,6 +506,7 @@ def triton_step_(
             take if lr_tensor is None else lr_tensor,  # unused unless LR_IS_TENSOR
             take if grad_scale is None else grad_scale,  # unused unless HAS_GRAD_SCALE
             take if initial_loss is None else initial_loss,  # unused unless NORMALIZE
+            take if telemetry is None else telemetry,  # unused unless TELEMETRY
             *map(_as_float32, (
                 h.lr, h.beta1, 1.0 - h.beta1, _log(h.beta1), h.beta2, 1.0 - h.beta2,
                 _log(h.beta2), h.eps, h.gamma,
@@ -461,6 +529,7 @@ def triton_step_(
             CHUNK=CHUNK,
             COLUMNS=TABLE_COLUMNS,
             L_MIN=L_MIN,
+            TELEMETRY=telemetry is not None,
             num_warps=8,
         )
 

@@ -46,6 +46,7 @@ struct LaunchArgs {
   bool aligned;
   uint64_t seed;  // stochastic rounding only
   Hyper hyper;
+  double* telemetry;  // kTelemetry: [num_chunks, kFigures], a row per block (chunk)
 };
 
 template <typename T> struct alignas(16) Pack {
@@ -120,11 +121,51 @@ __device__ __forceinline__ ChunkWork chunk_work(const LaunchArgs& a) {
   return c;
 }
 
+// Telemetry: a thread's figures summed over its elements.
+__device__ __forceinline__ void add_figures(ElementFigures<float>& sum,
+                                            const ElementFigures<float>& f) {
+  sum.sgd_like += f.sgd_like;
+  sum.squared_change += f.squared_change;
+  sum.lost += f.lost;
+  sum.saturated += f.saturated;
+}
+
+// The block's sums of its threads' figures, written by thread 0 to the chunk's row. Every thread
+// of the block calls it.
+__device__ __forceinline__ void write_block_figures(ElementFigures<float> f, double* telemetry) {
+#pragma unroll
+  for (int lane = 16; lane > 0; lane >>= 1) {
+    f.sgd_like += __shfl_xor_sync(0xFFFFFFFFu, f.sgd_like, lane);
+    f.squared_change += __shfl_xor_sync(0xFFFFFFFFu, f.squared_change, lane);
+    f.lost += __shfl_xor_sync(0xFFFFFFFFu, f.lost, lane);
+    f.saturated += __shfl_xor_sync(0xFFFFFFFFu, f.saturated, lane);
+  }
+  __shared__ float partial[kThreads / 32][kFigures];
+  const int warp = threadIdx.x / 32;
+  if ((threadIdx.x & 31) == 0) {
+    partial[warp][kFigureSgdLike] = f.sgd_like;
+    partial[warp][kFigureSquaredChange] = f.squared_change;
+    partial[warp][kFigureLost] = f.lost;
+    partial[warp][kFigureSaturated] = f.saturated;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double* out = telemetry + static_cast<int64_t>(blockIdx.x) * kFigures;
+#pragma unroll
+    for (int k = 0; k < kFigures; ++k) {
+      float sum = 0.0f;
+      for (int w = 0; w < kThreads / 32; ++w) sum += partial[w][k];
+      out[k] = static_cast<double>(sum);
+    }
+  }
+}
+
 // The storage types of params, moments and the master weight are compile-time (Cfg; its GT and
 // kSR are unused here); the gradient dtype and stochastic rounding are warp-uniform run-time
 // switches, the decay mode, maximize and the grad scale bit masks (as in the CPU kernel), which
-// keeps the number of kernels (and the build) small.
-template <typename Cfg>
+// keeps the number of kernels (and the build) small. kTelemetry: each block also sums its
+// elements' figures (SPEC.md, Telemetry) into its chunk's row of a.telemetry.
+template <typename Cfg, bool kTelemetry>
 __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   using P = typename Cfg::P;
   using M = typename Cfg::M;
@@ -145,12 +186,14 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   M* m = reinterpret_cast<M*>(row[kExpAvgAddr]);
   M* w = reinterpret_cast<M*>(row[kExpAvgSqAddr]);
   float* master = reinterpret_cast<float*>(row[kMasterAddr]);
+  ElementFigures<float> sum{0.0f, 0.0f, 0.0f, 0.0f};
   if (a.aligned && end - start == kChunk) {
     const int64_t i = start + static_cast<int64_t>(threadIdx.x) * kPerThread;
     Pack<P> pv;
     Pack<float> xv;
     if (Cfg::kMaster) {
       xv = load_pack(master + i);
+      if constexpr (kTelemetry) pv = load_pack(p + i);  // the stored values' change
     } else {
       pv = load_pack(p + i);
     }
@@ -168,8 +211,16 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
     Pack<M> wv = load_pack(w + i);
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
-      step_element<Cfg>(pv.v, xv.v, gv[j], mv.v, wv.v, j, key,
-                        offset + static_cast<uint64_t>(i + j), s, on, sr);
+      if constexpr (kTelemetry) {
+        ElementFigures<float> f;
+        step_element<Cfg, kGradScaleByMask, true>(pv.v, xv.v, gv[j], mv.v, wv.v, j, key,
+                                                  offset + static_cast<uint64_t>(i + j), s, on,
+                                                  sr, &f);
+        add_figures(sum, f);
+      } else {
+        step_element<Cfg>(pv.v, xv.v, gv[j], mv.v, wv.v, j, key,
+                          offset + static_cast<uint64_t>(i + j), s, on, sr);
+      }
     }
     store_pack(p + i, pv);
     if (Cfg::kMaster) store_pack(master + i, xv);
@@ -178,10 +229,19 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel(const LaunchArgs a) {
   } else {
     for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
       const float gi = a.grad_float ? g_float[i] : Param<Cfg::PT>::load(g[i]);
-      step_element<Cfg>(p, master, gi, m, w, i, key, offset + static_cast<uint64_t>(i), s, on,
-                        sr);
+      if constexpr (kTelemetry) {
+        ElementFigures<float> f;
+        step_element<Cfg, kGradScaleByMask, true>(p, master, gi, m, w, i, key,
+                                                  offset + static_cast<uint64_t>(i), s, on, sr,
+                                                  &f);
+        add_figures(sum, f);
+      } else {
+        step_element<Cfg>(p, master, gi, m, w, i, key, offset + static_cast<uint64_t>(i), s,
+                          on, sr);
+      }
     }
   }
+  if constexpr (kTelemetry) write_block_figures(sum, a.telemetry);
 }
 
 // The largest of v over the 32 lanes of a warp, on every lane.
@@ -198,7 +258,7 @@ __device__ __forceinline__ uint32_t warp_max(uint32_t v) {
 // the new scale; the parameter is written from the unrounded ones.
 static_assert(kQuantBlock == 32 * kPerThread, "a warp holds one block of 8-bit moments");
 
-template <typename Cfg>
+template <typename Cfg, bool kTelemetry>
 __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a) {
   using P = typename Cfg::P;
   if (*a.take == 0.0f) return;
@@ -228,6 +288,7 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a
   float m_new[kPerThread], w_new[kPerThread];
   uint32_t m_random[kPerThread], w_random[kPerThread];
   uint32_t m_max = 0, w_max = 0;
+  ElementFigures<float> sum{0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
     const int64_t i = first + j;
@@ -236,10 +297,22 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a
     const float gi = a.grad_float ? g_float[i] : Param<Cfg::PT>::load(g[i]);
     float mc = decode8<kExpAvgMap>(m[i], m_exp);
     float wc = decode8<kExpAvgSqMap>(w[i], w_exp);
-    update_element<float>(pc, gi, mc, wc, s, on);
     const uint32_t bits = sr ? element_bits(key, offset + static_cast<uint64_t>(i)) : 0u;
-    if (Cfg::kMaster) master[i] = pc;
-    p[i] = Param<Cfg::PT>::store(pc, bits, sr);
+    if constexpr (kTelemetry) {
+      const P old = p[i];
+      const float before = pc;
+      ElementFigures<float> f;
+      update_element<float, kGradScaleByMask, true>(pc, gi, mc, wc, s, on, &f);
+      if (Cfg::kMaster) master[i] = pc;
+      const P stored = Param<Cfg::PT>::store(pc, bits, sr);
+      p[i] = stored;
+      measure_store<Cfg>(f, old, stored, before, pc, wc);
+      add_figures(sum, f);
+    } else {
+      update_element<float>(pc, gi, mc, wc, s, on);
+      if (Cfg::kMaster) master[i] = pc;
+      p[i] = Param<Cfg::PT>::store(pc, bits, sr);
+    }
     m_new[j] = mc;
     w_new[j] = wc;
     m_random[j] = sr ? exp_avg_code_bits(bits) : 0u;
@@ -249,23 +322,25 @@ __global__ void __launch_bounds__(kThreads) adaml_kernel_8bit(const LaunchArgs a
   }
   m_max = warp_max(m_max);  // every lane takes part, live block or not
   w_max = warp_max(w_max);
-  if (!block_live) return;
-  const int m_new_exp = scale_exponent<kExpAvgMap>(m_max);
-  const int w_new_exp = scale_exponent<kExpAvgSqMap>(w_max);
-  if ((threadIdx.x & 31) == 0) {  // after every lane has read the old scales (the shuffles)
-    m_scales[block] = scale_of(m_new_exp);
-    w_scales[block] = scale_of(w_new_exp);
-  }
+  if (block_live) {  // (a dead block's warp still joins the block's telemetry sum below)
+    const int m_new_exp = scale_exponent<kExpAvgMap>(m_max);
+    const int w_new_exp = scale_exponent<kExpAvgSqMap>(w_max);
+    if ((threadIdx.x & 31) == 0) {  // after every lane has read the old scales (the shuffles)
+      m_scales[block] = scale_of(m_new_exp);
+      w_scales[block] = scale_of(w_new_exp);
+    }
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) {
-    const int64_t i = first + j;
-    if (i >= end) break;
-    const uint32_t mb = float_to_bits(m_new[j]), wb = float_to_bits(w_new[j]);
-    m[i] = sr ? encode8_stochastic<kExpAvgMap>(mb, m_new_exp, m_random[j])
-              : encode8<kExpAvgMap>(mb, m_new_exp);
-    w[i] = sr ? encode8_stochastic<kExpAvgSqMap>(wb, w_new_exp, w_random[j])
-              : encode8<kExpAvgSqMap>(wb, w_new_exp);
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t i = first + j;
+      if (i >= end) break;
+      const uint32_t mb = float_to_bits(m_new[j]), wb = float_to_bits(w_new[j]);
+      m[i] = sr ? encode8_stochastic<kExpAvgMap>(mb, m_new_exp, m_random[j])
+                : encode8<kExpAvgMap>(mb, m_new_exp);
+      w[i] = sr ? encode8_stochastic<kExpAvgSqMap>(wb, w_new_exp, w_random[j])
+                : encode8<kExpAvgSqMap>(wb, w_new_exp);
+    }
   }
+  if constexpr (kTelemetry) write_block_figures(sum, a.telemetry);
 }
 
 // Calls f(Config<PT, PT, MT, kMaster, false>{}) for the bucket's storage types.
@@ -322,14 +397,18 @@ void run_cuda_step(const StepLaunch& s) {
                                                     s.moment_type == kBFloat16 ||
                                                     s.moment_type == kUInt8);
   a.seed = s.seed;
+  a.telemetry = s.telemetry ? s.telemetry->data_ptr<double>() : nullptr;
+  const bool measure = a.telemetry != nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(blocks);
   dispatch_storage(s.param_type, s.moment_type, s.master, [&](auto cfg) {
     using Cfg = decltype(cfg);
     if constexpr (Cfg::MT == kUInt8) {
-      adaml_kernel_8bit<Cfg><<<grid, kThreads, 0, stream>>>(a);
+      measure ? adaml_kernel_8bit<Cfg, true><<<grid, kThreads, 0, stream>>>(a)
+              : adaml_kernel_8bit<Cfg, false><<<grid, kThreads, 0, stream>>>(a);
     } else {
-      adaml_kernel<Cfg><<<grid, kThreads, 0, stream>>>(a);
+      measure ? adaml_kernel<Cfg, true><<<grid, kThreads, 0, stream>>>(a)
+              : adaml_kernel<Cfg, false><<<grid, kThreads, 0, stream>>>(a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -344,10 +423,12 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const at::Tensor& loss, const at::Tensor& take,
                      const std::optional<at::Tensor>& lr_tensor,
                      const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& initial_loss) {
+                     const std::optional<at::Tensor>& initial_loss,
+                     const std::optional<at::Tensor>& telemetry) {
   check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, moment_scales,
                   rows, rows_host, chunk_tensor, hyper, config, loss, take, lr_tensor,
                   grad_scale, initial_loss, c10::DeviceType::CUDA);
+  check_telemetry(telemetry, chunk_tensor.numel(), take.device());
   bump_versions({params, exp_avgs, exp_avg_sqs, master_params, moment_scales});
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -356,8 +437,10 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const KernelTable table =
       resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, moment_scales,
                     rows, rows_host, chunk_tensor, /*allow_rebuild=*/!capturing);
-  run_cuda_step(make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
-                            initial_loss));
+  StepLaunch launch = make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
+                                  initial_loss);
+  launch.telemetry = telemetry;
+  run_cuda_step(launch);
 }
 
 // The step's prologue (fast_step_, adaml_fast_path.cpp) in one block: thread 0 decides whether the step is
@@ -402,11 +485,12 @@ void fast_step_cuda(at::TensorList params, const at::Tensor& slots, const at::Te
                     const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
                     const std::optional<at::Tensor>& grad_scale,
                     const at::Tensor& initial_loss, const at::Tensor& skipped,
-                    const at::Tensor& take, const at::Tensor& tables) {
+                    const at::Tensor& take, const at::Tensor& tables,
+                    at::TensorList telemetry) {
   const c10::cuda::CUDAGuard guard(take.device());
   fast_step(params, slots, record, status, rows, rows_hosts, chunks, configs, bucket_groups,
             hypers, lr_tensors, loss, found_inf, grad_scale, initial_loss, skipped, take, tables,
-            &step_prologue_cuda, &run_cuda_step);
+            telemetry, &step_prologue_cuda, &run_cuda_step);
 }
 
 // Why the kernel cannot run on GPU `device` ("" if it can): the build's architecture list may
@@ -415,7 +499,7 @@ std::string cuda_kernel_error(int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   cudaFuncAttributes attributes;
   using Default = Config<kFloat32, kFloat32, kFloat32, false, false>;
-  const cudaError_t err = cudaFuncGetAttributes(&attributes, adaml_kernel<Default>);
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, adaml_kernel<Default, false>);
   if (err == cudaSuccess) return "";
   (void)cudaGetLastError();  // not sticky, but leave no error behind for the next caller
   return cudaGetErrorString(err);

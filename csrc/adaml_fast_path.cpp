@@ -173,25 +173,32 @@ void fast_step(at::TensorList params, const at::Tensor& slots, const at::Tensor&
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& grad_scale, const at::Tensor& initial_loss,
                const at::Tensor& skipped, const at::Tensor& take, const at::Tensor& tables,
-               PrologueFn prologue, RunFn run) {
+               at::TensorList telemetry, PrologueFn prologue, RunFn run) {
   constexpr const char* kOp = "adaml_kernels::fast_step_: ";
   const size_t buckets = rows.size();
   const size_t groups = lr_tensors.size();
   TORCH_CHECK(rows_hosts.size() == buckets && chunks.size() == buckets &&
                   bucket_groups.size() == buckets && configs.size() == buckets * kConfigFields &&
-                  hypers.size() == groups * kHyperFields && tables.size(0) == int64_t(buckets),
+                  hypers.size() == groups * kHyperFields && tables.size(0) == int64_t(buckets) &&
+                  (telemetry.empty() || telemetry.size() == buckets),
               kOp, "per bucket: rows, rows_hosts, chunks, a group and ", kConfigFields,
-              " config values; per group: ", kHyperFields, " hyper values and an lr tensor");
+              " config values (and a telemetry buffer, or none for all); per group: ",
+              kHyperFields, " hyper values and an lr tensor");
+  for (size_t b = 0; b < telemetry.size(); ++b) {
+    check_telemetry(telemetry[b], chunks[b].numel(), take.device());
+  }
   refresh_grads(params, slots, record, rows_hosts, rows, status);
   if (*status.const_data_ptr<int64_t>() == kChanged) return;
   prologue(loss, found_inf, initial_loss, skipped, take, tables);
   for (size_t b = 0; b < buckets; ++b) {
     const int64_t g = bucket_groups[b];
     TORCH_CHECK(g >= 0 && static_cast<size_t>(g) < groups, kOp, "bucket ", b, " has no group");
-    run(make_launch(given_table(rows[b], rows_hosts[b], chunks[b]),
-                    hypers.slice(g * kHyperFields, kHyperFields),
-                    configs.slice(b * kConfigFields, kConfigFields), loss, take,
-                    lr_tensors.get(g), grad_scale, initial_loss));
+    StepLaunch launch = make_launch(given_table(rows[b], rows_hosts[b], chunks[b]),
+                                    hypers.slice(g * kHyperFields, kHyperFields),
+                                    configs.slice(b * kConfigFields, kConfigFields), loss, take,
+                                    lr_tensors.get(g), grad_scale, initial_loss);
+    if (!telemetry.empty()) launch.telemetry = telemetry[b];
+    run(launch);
   }
 }
 
@@ -205,10 +212,11 @@ void fast_step_cpu(at::TensorList params, const at::Tensor& slots, const at::Ten
                    const c10::List<std::optional<at::Tensor>>& lr_tensors,
                    const at::Tensor& loss, const std::optional<at::Tensor>& found_inf,
                    const std::optional<at::Tensor>& grad_scale, const at::Tensor& initial_loss,
-                   const at::Tensor& skipped, const at::Tensor& take, const at::Tensor& tables) {
+                   const at::Tensor& skipped, const at::Tensor& take, const at::Tensor& tables,
+                   at::TensorList telemetry) {
   fast_step(params, slots, record, status, rows, rows_hosts, chunks, configs, bucket_groups,
             hypers, lr_tensors, loss, found_inf, grad_scale, initial_loss, skipped, take, tables,
-            &step_prologue_cpu, &run_cpu_step);
+            telemetry, &step_prologue_cpu, &run_cpu_step);
 }
 
 }  // namespace

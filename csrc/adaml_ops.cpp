@@ -209,6 +209,16 @@ void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList
   }
 }
 
+void check_telemetry(const std::optional<at::Tensor>& telemetry, int64_t num_chunks,
+                     const at::Device& device) {
+  if (!telemetry) return;
+  TORCH_CHECK(telemetry->scalar_type() == at::kDouble && telemetry->dim() == 2 &&
+                  telemetry->size(0) == num_chunks && telemetry->size(1) == kFigures &&
+                  telemetry->is_contiguous() && telemetry->device() == device,
+              kOp, "telemetry must be a contiguous float64 tensor of shape [", num_chunks, ", ",
+              kFigures, "] (a row per chunk, layout.Figure) on ", device);
+}
+
 KernelTable given_table(const at::Tensor& rows, const at::Tensor& rows_host,
                         const at::Tensor& chunk_tensor) {
   KernelTable table;
@@ -354,6 +364,7 @@ template <typename C> struct CpuPlan {
   int decay;
   bool maximize;
   bool has_grad_scale;
+  double* telemetry;  // kTelemetry: [num_chunks, kFigures], a row per chunk
 };
 
 #if defined(__GNUC__)
@@ -362,12 +373,22 @@ template <typename C> struct CpuPlan {
 #define ADAML_INLINE inline
 #endif
 
+// Whether lost updates can occur (fp16/bf16 parameters): the loops add them up only then.
+template <typename Cfg>
+constexpr bool kHalfParam = Cfg::PT == kFloat16 || Cfg::PT == kBFloat16;
+
+// The figures of a span, summed (kTelemetry).
+template <typename C> struct SpanFigures {
+  C sgd_like = C(0), squared_change = C(0), lost = C(0), saturated = C(0);
+};
+
 // `index` is the whole parameter's index of p[0] (stochastic rounding only). The storage types,
 // stochastic rounding and whether there is a grad scale (a division per element) are compiled in
 // (Cfg, kScale); the decay mode and maximize are bit masks (SwitchMasks): one branch-free SIMD
-// loop per Cfg, kScale and instruction set serves them all.
-template <typename Cfg, int kScale>
-ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg::G* __restrict g,
+// loop per Cfg, kScale and instruction set serves them all. kTelemetry: the loop also sums the
+// elements' figures (SIMD reductions), returned; otherwise it is the plain update.
+template <typename Cfg, int kScale, bool kTelemetry>
+ADAML_INLINE SpanFigures<typename Cfg::C> update_span(typename Cfg::P* __restrict p, const typename Cfg::G* __restrict g,
                               typename Cfg::M* __restrict m, typename Cfg::M* __restrict w,
                               typename Cfg::C* __restrict master, int64_t n, uint32_t key,
                               uint64_t index, const StepScalars<typename Cfg::C>& scalars,
@@ -375,11 +396,28 @@ ADAML_INLINE void update_span(typename Cfg::P* __restrict p, const typename Cfg:
   using C = typename Cfg::C;
   const StepScalars<C> s = scalars;  // a local copy: provably not aliased by the stores
   const SwitchMasks<C> on(decay, maximize, has_grad_scale);
+  SpanFigures<C> out;
+  if constexpr (kTelemetry) {
+    C sgd_like = 0, squared_change = 0, lost = 0, saturated = 0;
+#pragma omp simd reduction(+ : sgd_like, squared_change, lost, saturated)
+    for (int64_t i = 0; i < n; ++i) {
+      ElementFigures<C> f;
+      step_element<Cfg, kScale, true>(p, master, Param<Cfg::GT>::load(g[i]), m, w, i, key,
+                                      index + static_cast<uint64_t>(i), s, on, Cfg::kSR, &f);
+      sgd_like += f.sgd_like;
+      squared_change += f.squared_change;
+      if constexpr (kHalfParam<Cfg>) lost += f.lost;  // (always 0 for float32/float64)
+      saturated += f.saturated;
+    }
+    out = SpanFigures<C>{sgd_like, squared_change, lost, saturated};
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    step_element<Cfg, kScale>(p, master, Param<Cfg::GT>::load(g[i]), m, w, i, key,
-                              index + static_cast<uint64_t>(i), s, on, Cfg::kSR);
+    for (int64_t i = 0; i < n; ++i) {
+      step_element<Cfg, kScale>(p, master, Param<Cfg::GT>::load(g[i]), m, w, i, key,
+                                index + static_cast<uint64_t>(i), s, on, Cfg::kSR);
+    }
   }
+  return out;
 }
 
 // One block of len float values as 8-bit codes and the block's scale (adaml_quant8.h): the
@@ -408,8 +446,8 @@ ADAML_INLINE void encode_block(const float* __restrict values, int64_t len,
 // boundary), in four short loops that each vectorize on their own: decode the block's moments
 // into float arrays, update them (the float update of every other moment dtype), and encode
 // each moment's block with its new scale (encode_block).
-template <typename Cfg, int kScale>
-ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
+template <typename Cfg, int kScale, bool kTelemetry>
+ADAML_INLINE SpanFigures<float> update_span_8bit(typename Cfg::P* __restrict p,
                                    const typename Cfg::G* __restrict g, uint8_t* __restrict m,
                                    uint8_t* __restrict w, float* __restrict master,
                                    float* __restrict m_scales, float* __restrict w_scales,
@@ -422,6 +460,7 @@ ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
   alignas(64) float wf[kQuantBlock];
   alignas(64) uint32_t m_random[Cfg::kSR ? kQuantBlock : 1];
   alignas(64) uint32_t w_random[Cfg::kSR ? kQuantBlock : 1];
+  SpanFigures<float> out;
   for (int64_t start = 0; start < n; start += kQuantBlock) {
     const int64_t len = std::min<int64_t>(kQuantBlock, n - start);
     const int64_t block = start / kQuantBlock;
@@ -437,26 +476,59 @@ ADAML_INLINE void update_span_8bit(typename Cfg::P* __restrict p,
     typename Cfg::P* __restrict pb = p + start;
     const typename Cfg::G* __restrict gb = g + start;
     float* __restrict xb = Cfg::kMaster ? master + start : nullptr;
+    if constexpr (kTelemetry) {
+      float sgd_like = 0, squared_change = 0, lost = 0, saturated = 0;
+#pragma omp simd reduction(+ : sgd_like, squared_change, lost, saturated)
+      for (int64_t i = 0; i < len; ++i) {
+        const typename Cfg::P old = pb[i];
+        float pc = Cfg::kMaster ? xb[i] : Param<Cfg::PT>::load(old);
+        const float before = pc;
+        ElementFigures<float> f;
+        update_element<float, kScale, true>(pc, Param<Cfg::GT>::load(gb[i]), mf[i], wf[i], s,
+                                            on, &f);
+        const uint32_t bits =
+            Cfg::kSR ? element_bits(key, index + static_cast<uint64_t>(start + i)) : 0u;
+        if (Cfg::kMaster) xb[i] = pc;
+        const typename Cfg::P stored = Param<Cfg::PT>::store(pc, bits, Cfg::kSR);
+        pb[i] = stored;
+        if constexpr (Cfg::kSR) {
+          m_random[i] = exp_avg_code_bits(bits);
+          w_random[i] = exp_avg_sq_code_bits(bits);
+        }
+        measure_store<Cfg>(f, old, stored, before, pc, wf[i]);
+        sgd_like += f.sgd_like;
+        squared_change += f.squared_change;
+        if constexpr (kHalfParam<Cfg>) lost += f.lost;
+        saturated += f.saturated;
+      }
+      out.sgd_like += sgd_like;
+      out.squared_change += squared_change;
+      out.lost += lost;
+      out.saturated += saturated;
+    } else {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      float pc = Cfg::kMaster ? xb[i] : Param<Cfg::PT>::load(pb[i]);
-      update_element<float, kScale>(pc, Param<Cfg::GT>::load(gb[i]), mf[i], wf[i], s, on);
-      const uint32_t bits =
-          Cfg::kSR ? element_bits(key, index + static_cast<uint64_t>(start + i)) : 0u;
-      if (Cfg::kMaster) xb[i] = pc;
-      pb[i] = Param<Cfg::PT>::store(pc, bits, Cfg::kSR);
-      if constexpr (Cfg::kSR) {
-        m_random[i] = exp_avg_code_bits(bits);
-        w_random[i] = exp_avg_sq_code_bits(bits);
+      for (int64_t i = 0; i < len; ++i) {
+        float pc = Cfg::kMaster ? xb[i] : Param<Cfg::PT>::load(pb[i]);
+        update_element<float, kScale>(pc, Param<Cfg::GT>::load(gb[i]), mf[i], wf[i], s, on);
+        const uint32_t bits =
+            Cfg::kSR ? element_bits(key, index + static_cast<uint64_t>(start + i)) : 0u;
+        if (Cfg::kMaster) xb[i] = pc;
+        pb[i] = Param<Cfg::PT>::store(pc, bits, Cfg::kSR);
+        if constexpr (Cfg::kSR) {
+          m_random[i] = exp_avg_code_bits(bits);
+          w_random[i] = exp_avg_sq_code_bits(bits);
+        }
       }
     }
     encode_block<kExpAvgMap, Cfg::kSR>(mf, len, mb, m_scales + block, m_random);
     encode_block<kExpAvgSqMap, Cfg::kSR>(wf, len, wb, w_scales + block, w_random);
   }
+  return out;
 }
 
-// Chunks [c0, c1) of the bucket; consecutive chunks of one tensor are done as one span.
-template <typename Cfg, int kScale>
+// Chunks [c0, c1) of the bucket; consecutive chunks of one tensor are done as one span (under
+// kTelemetry, each chunk is a span, whose figures fill its row of plan.telemetry).
+template <typename Cfg, int kScale, bool kTelemetry>
 ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
   using C = typename Cfg::C;
   int64_t c = c0;
@@ -465,13 +537,14 @@ ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, in
     const int64_t* row = plan.rows + t * kColumns;
     const int64_t first = row[kFirstChunk];
     const int64_t numel = row[kNumel];
-    const int64_t last = std::min(c1, first + chunks_of(numel));
+    const int64_t last = kTelemetry ? c + 1 : std::min(c1, first + chunks_of(numel));
     const int64_t begin = (c - first) * kChunk;
     const int64_t end = std::min((last - first) * kChunk, numel);
     C* master = Cfg::kMaster ? reinterpret_cast<C*>(row[kMasterAddr]) + begin : nullptr;
+    SpanFigures<C> figures;
     if constexpr (Cfg::MT == kUInt8) {
       const int64_t first_block = begin / kQuantBlock;  // chunks start on block boundaries
-      update_span_8bit<Cfg, kScale>(
+      figures = update_span_8bit<Cfg, kScale, kTelemetry>(
           reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
           reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
           reinterpret_cast<uint8_t*>(row[kExpAvgAddr]) + begin,
@@ -482,7 +555,7 @@ ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, in
           static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
           plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
     } else {
-      update_span<Cfg, kScale>(
+      figures = update_span<Cfg, kScale, kTelemetry>(
           reinterpret_cast<typename Cfg::P*>(row[kParamAddr]) + begin,
           reinterpret_cast<const typename Cfg::G*>(row[kGradAddr]) + begin,
           reinterpret_cast<typename Cfg::M*>(row[kExpAvgAddr]) + begin,
@@ -490,6 +563,13 @@ ADAML_INLINE void run_range(const CpuPlan<typename Cfg::C>& plan, int64_t c0, in
           Cfg::kSR ? plan.keys[t] : 0u,
           static_cast<uint64_t>(row[kElementOffset]) + static_cast<uint64_t>(begin),
           plan.scalars[t], plan.decay, plan.maximize, plan.has_grad_scale);
+    }
+    if constexpr (kTelemetry) {
+      double* out = plan.telemetry + c * kFigures;
+      out[kFigureSgdLike] = static_cast<double>(figures.sgd_like);
+      out[kFigureSquaredChange] = static_cast<double>(figures.squared_change);
+      out[kFigureLost] = static_cast<double>(figures.lost);
+      out[kFigureSaturated] = static_cast<double>(figures.saturated);
     }
     c = last;
   }
@@ -499,29 +579,29 @@ template <typename Cfg>
 using RangeFn = void (*)(const CpuPlan<typename Cfg::C>&, int64_t, int64_t);
 
 // One copy of the loop per instruction set: the compiler vectorizes each for its own ISA.
-template <typename Cfg, int kScale>
+template <typename Cfg, int kScale, bool kTelemetry>
 void range_default(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
-  run_range<Cfg, kScale>(plan, c0, c1);
+  run_range<Cfg, kScale, kTelemetry>(plan, c0, c1);
 }
 #if ADAML_X86_VARIANTS
-template <typename Cfg, int kScale>
+template <typename Cfg, int kScale, bool kTelemetry>
 ADAML_TARGET_AVX2 void range_avx2(const CpuPlan<typename Cfg::C>& plan, int64_t c0, int64_t c1) {
-  run_range<Cfg, kScale>(plan, c0, c1);
+  run_range<Cfg, kScale, kTelemetry>(plan, c0, c1);
 }
-template <typename Cfg, int kScale>
+template <typename Cfg, int kScale, bool kTelemetry>
 ADAML_TARGET_AVX512 void range_avx512(const CpuPlan<typename Cfg::C>& plan, int64_t c0,
                                       int64_t c1) {
-  run_range<Cfg, kScale>(plan, c0, c1);
+  run_range<Cfg, kScale, kTelemetry>(plan, c0, c1);
 }
 #endif
 
-template <typename Cfg, int kScale> RangeFn<Cfg> range_fn(Isa isa) {
+template <typename Cfg, int kScale, bool kTelemetry> RangeFn<Cfg> range_fn(Isa isa) {
 #if ADAML_X86_VARIANTS
-  if (isa == Isa::kAvx512) return &range_avx512<Cfg, kScale>;
-  if (isa == Isa::kAvx2) return &range_avx2<Cfg, kScale>;
+  if (isa == Isa::kAvx512) return &range_avx512<Cfg, kScale, kTelemetry>;
+  if (isa == Isa::kAvx2) return &range_avx2<Cfg, kScale, kTelemetry>;
 #endif
   (void)isa;
-  return &range_default<Cfg, kScale>;
+  return &range_default<Cfg, kScale, kTelemetry>;
 }
 
 // Chunks per task: a task moves at least ~230 KB, which outweighs waking a thread.
@@ -535,6 +615,7 @@ struct CpuStep {
   int decay_mode;
   bool maximize, has_grad_scale, stochastic_rounding;
   uint64_t seed;
+  double* telemetry;  // nullptr: no telemetry (the loops without it run)
 };
 
 template <typename Cfg> void run_cpu(const CpuStep& a) {
@@ -553,10 +634,14 @@ template <typename Cfg> void run_cpu(const CpuStep& a) {
   }
   if (a.table->num_chunks == 0) return;
 
-  const RangeFn<Cfg> fn = a.has_grad_scale ? range_fn<Cfg, kGradScale>(active_isa())
-                                           : range_fn<Cfg, kNoGradScale>(active_isa());
+  const Isa isa = active_isa();
+  const RangeFn<Cfg> fn =
+      a.telemetry ? (a.has_grad_scale ? range_fn<Cfg, kGradScale, true>(isa)
+                                      : range_fn<Cfg, kNoGradScale, true>(isa))
+                  : (a.has_grad_scale ? range_fn<Cfg, kGradScale, false>(isa)
+                                      : range_fn<Cfg, kNoGradScale, false>(isa));
   const CpuPlan<C> plan{rows, a.table->chunk_tensor.const_data_ptr<int32_t>(), scalars.data(),
-                        keys.data(), a.decay_mode, a.maximize, a.has_grad_scale};
+                        keys.data(), a.decay_mode, a.maximize, a.has_grad_scale, a.telemetry};
   // ATen's parallel_for is OpenMP here (the extension is built with -fopenmp) and follows
   // torch.set_num_threads. Each element is computed alone, so the split never changes results.
   at::parallel_for(0, a.table->num_chunks, kGrainChunks,
@@ -572,10 +657,12 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const at::Tensor& loss, const at::Tensor& take,
                     const std::optional<at::Tensor>& lr_tensor,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& initial_loss) {
+                    const std::optional<at::Tensor>& initial_loss,
+                    const std::optional<at::Tensor>& telemetry) {
   check_step_args(params, grads, exp_avgs, exp_avg_sqs, steps, master_params, moment_scales,
                   rows, rows_host, chunk_tensor, hyper, config, loss, take, lr_tensor,
                   grad_scale, initial_loss, c10::DeviceType::CPU);
+  check_telemetry(telemetry, chunk_tensor.numel(), take.device());
   bump_versions({params, exp_avgs, exp_avg_sqs, master_params, moment_scales});
   if (params.empty()) return;
   // A skipped step reads and writes nothing else.
@@ -583,8 +670,10 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   const KernelTable table = resolve_table(params, grads, exp_avgs, exp_avg_sqs, steps,
                                           master_params, moment_scales, rows, rows_host,
                                           chunk_tensor, /*allow_rebuild=*/true);
-  run_cpu_step(make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
-                           initial_loss));
+  StepLaunch launch = make_launch(table, hyper, config, loss, take, lr_tensor, grad_scale,
+                                  initial_loss);
+  launch.telemetry = telemetry;
+  run_cpu_step(launch);
 }
 
 std::string cpu_capability() { return isa_name(active_isa()); }
@@ -676,6 +765,11 @@ c10::Dict<std::string, int64_t> layout_constants() {
   out.insert("min_8bit_numel", kMin8BitNumel);
   out.insert("quant_mantissa_bits", kMantissaBits);
   out.insert("quant_random_bits", kRandomBits);
+  out.insert("figures", kFigures);
+  const std::pair<const char*, int64_t> figures[] = {
+      {"sgd_like", kFigureSgdLike}, {"squared_change", kFigureSquaredChange},
+      {"lost", kFigureLost}, {"saturated", kFigureSaturated}};
+  for (const auto& [name, value] : figures) out.insert(std::string("figure_") + name, value);
   const std::pair<const char*, int64_t> columns[] = {
       {"param", kParamAddr}, {"grad", kGradAddr}, {"exp_avg", kExpAvgAddr},
       {"exp_avg_sq", kExpAvgSqAddr}, {"step", kStepAddr}, {"master", kMasterAddr},
@@ -721,6 +815,7 @@ void run_cpu_step(const StepLaunch& s) {
   a.has_grad_scale = s.grad_scale.has_value();
   a.stochastic_rounding = s.stochastic_rounding;
   a.seed = s.seed;
+  a.telemetry = s.telemetry ? s.telemetry->data_ptr<double>() : nullptr;
   dispatch_config</*kWithFloat64=*/true>(s.param_type, s.grad_type, s.moment_type, s.master,
                                          s.stochastic_rounding,
                                          [&](auto cfg) { run_cpu<decltype(cfg)>(a); });
@@ -765,13 +860,14 @@ TORCH_LIBRARY(adaml_kernels, m) {
   m.set_python_module("adaml_kernels._extension");
   // One bucket's step over the tensors passed (the general path, torch.compile, the functional
   // form). Same schema as adaml_kernels::triton_step_ (Bucket.fused_op_args). hyper and config
-  // are layout.Hyper and layout.Config.
+  // are layout.Hyper and layout.Config; telemetry, if given, gets each chunk's figures
+  // (layout.Figure; a skipped step writes none).
   m.def(
       "fused_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor[] steps, Tensor(d!)[] master_params, "
       "Tensor(e!)[] moment_scales, Tensor rows, Tensor rows_host, Tensor chunk_tensor, "
       "float[] hyper, int[] config, Tensor loss, Tensor take, Tensor? lr_tensor, "
-      "Tensor? grad_scale, Tensor? initial_loss) -> ()");
+      "Tensor? grad_scale, Tensor? initial_loss, Tensor(f!)? telemetry=None) -> ()");
   // The steady-state step (adaml_fast_path.cpp, fast_path.py). refresh_grads_: every param
   // group's parameters and gradients checked against their plan, the tables repointed at the
   // new gradients, the parameters' versions bumped; status[0] = 2 if anything else changed
@@ -779,7 +875,7 @@ TORCH_LIBRARY(adaml_kernels, m) {
   // the parameters; none when refresh_grads_ was called first, as under loss averaging, whose
   // all-reduce must come between), then the prologue (take, f_1, the skip count, the step
   // counts) and every bucket launched from its table (what it writes is reached through the
-  // tables).
+  // tables); telemetry: none, or each bucket's buffer (as fused_step_'s).
   m.def(
       "refresh_grads_(Tensor[] params, Tensor slots, Tensor record, Tensor(a!)[] rows_hosts, "
       "Tensor(b!)[] rows, Tensor(c!) status) -> ()");
@@ -788,7 +884,7 @@ TORCH_LIBRARY(adaml_kernels, m) {
       "Tensor(c!)[] rows, Tensor(d!)[] rows_hosts, Tensor[] chunks, int[] configs, "
       "int[] bucket_groups, float[] hypers, Tensor?[] lr_tensors, Tensor loss, "
       "Tensor? found_inf, Tensor? grad_scale, Tensor(e!) initial_loss, Tensor(f!) skipped, "
-      "Tensor(g!) take, Tensor tables) -> ()");
+      "Tensor(g!) take, Tensor tables, Tensor(h!)[] telemetry) -> ()");
   // What fast_step_ compares a param group with: its planned params' layout.
   m.def("layout_record(Tensor[] params, Tensor[] grads) -> Tensor");
   // The instruction set the CPU kernel runs with: "avx512", "avx2" or "default".

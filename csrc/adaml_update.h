@@ -86,6 +86,16 @@ enum ConfigField : int {
   kConfigFields,
 };
 
+// The columns of a telemetry buffer (layout.Figure): float64 [num_chunks, kFigures], one row per
+// chunk, written by a launch that measures (the kernels' kTelemetry).
+enum FigureField : int {
+  kFigureSgdLike = 0,        // elements with eps * l >= (1 - b2) g^2 / (gamma l^phi)
+  kFigureSquaredChange = 1,  // sum of (p_new - p_old)^2 of the parameter as stored
+  kFigureLost = 2,           // fp16/bf16 elements with a nonzero update and an unchanged value
+  kFigureSaturated = 3,      // elements whose w saturated
+  kFigures = 4,
+};
+
 enum DecayMode : int { kNoDecay = 0, kL2Decay = 1, kDecoupledDecay = 2 };
 
 // ----------------------------------------------------------------------------- conversions
@@ -406,10 +416,17 @@ template <typename C> struct SwitchMasks {
 // kernel compiles it in or out, which saves a division per element without a grad scale).
 enum GradScaleMode : int { kNoGradScale = 0, kGradScale = 1, kGradScaleByMask = 2 };
 
+// What telemetry measures of one element (SPEC.md, Telemetry; layout.Figure): 0/1 flags and the
+// squared change, all in C so that a SIMD loop sums them alike (a chunk's counts stay exact).
+template <typename C> struct ElementFigures {
+  C sgd_like, squared_change, lost, saturated;
+};
+
 // SPEC.md steps 3-5 and 7 for one element: p, m, w are updated in place, in the compute type C.
-template <typename C, int kScale = kGradScaleByMask>
+// kTelemetry: also whether the element is SGD-like and whether its w saturated (into *fig).
+template <typename C, int kScale = kGradScaleByMask, bool kTelemetry = false>
 ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s,
-                             const SwitchMasks<C>& on) {
+                             const SwitchMasks<C>& on, ElementFigures<C>* fig = nullptr) {
   g = Bits<C>::to(Bits<C>::of(g) ^ on.sign);  // -g if maximize
   if constexpr (kScale == kGradScale) g = ieee_div(g, s.grad_scale);
   if constexpr (kScale == kGradScaleByMask) {
@@ -425,7 +442,9 @@ ADAML_HD void update_element(C& p, C g, C& m, C& w, const StepScalars<C>& s,
   const C g2 = g * g;
   const C split = (g * s.root_g2) * (g * s.root_g2);
   const C term = select_bits(s.split_mask, split, s.coef_g2 * (g2 > big ? big : g2));
+  if constexpr (kTelemetry) fig->sgd_like = s.coef_eps >= term ? C(1) : C(0);
   w = s.beta2 * w + term + s.coef_eps;
+  if constexpr (kTelemetry) fig->saturated = w > big ? C(1) : C(0);
   w = w > big ? big : w;
   // Computed unconditionally and then selected, so that the loop stays branch-free (SIMD).
   const C quotient = ieee_div(m, ieee_sqrt(w));
@@ -447,16 +466,38 @@ template <int PT_, int GT_, int MT_, bool kMaster_, bool kSR_> struct Config {
   using C = typename Param<PT_>::compute;
 };
 
+// Telemetry of an element once its parameter is stored (SPEC.md, Telemetry): the squared change
+// of the stored value (`old` -> `stored`), and for fp16/bf16 parameters whether a nonzero
+// update (`before` -> `after`, in C) left it unchanged; with bf16 moments w saturates at
+// bf16's largest value (w: the new w, in C, before its rounding on store).
+template <typename Cfg>
+ADAML_HD void measure_store(ElementFigures<typename Cfg::C>& f, typename Cfg::P old,
+                            typename Cfg::P stored, typename Cfg::C before,
+                            typename Cfg::C after, typename Cfg::C w) {
+  using C = typename Cfg::C;
+  const C change = Param<Cfg::PT>::load(stored) - Param<Cfg::PT>::load(old);
+  f.squared_change = change * change;
+  if constexpr (Cfg::PT == kFloat16 || Cfg::PT == kBFloat16) {
+    f.lost = (after != before && stored == old) ? C(1) : C(0);
+  } else {
+    f.lost = C(0);
+  }
+  if constexpr (Cfg::MT == kBFloat16) f.saturated = w > kBFloat16Max ? C(1) : C(0);
+}
+
 // Element j of the arrays end to end: load, update (in C), store each array rounded once. `g`
 // is the loaded gradient, `master` the float32 master weights (read and written only under
 // kMaster), `key` the tensor's tensor_key() and `i` the element's index in the whole parameter
 // (read only when rounding stochastically). Arrays and an index rather than references: GCC
 // vectorizes the CPU loop over them, and the CUDA kernel passes its registers' arrays.
-template <typename Cfg, int kScale = kGradScaleByMask>
+// kTelemetry: the element's figures into *fig (the stored parameter is read first under
+// kMaster too).
+template <typename Cfg, int kScale = kGradScaleByMask, bool kTelemetry = false>
 ADAML_HD void step_element(typename Cfg::P* p, typename Cfg::C* master, typename Cfg::C g,
                            typename Cfg::M* m, typename Cfg::M* w, int64_t j, uint32_t key,
                            uint64_t i, const StepScalars<typename Cfg::C>& s,
-                           const SwitchMasks<typename Cfg::C>& on, bool sr) {
+                           const SwitchMasks<typename Cfg::C>& on, bool sr,
+                           ElementFigures<typename Cfg::C>* fig = nullptr) {
   using C = typename Cfg::C;
   C pc;
   if constexpr (Cfg::kMaster) {
@@ -466,12 +507,25 @@ ADAML_HD void step_element(typename Cfg::P* p, typename Cfg::C* master, typename
   }
   C mc = Param<Cfg::MT>::load(m[j]);
   C wc = Param<Cfg::MT>::load(w[j]);
-  update_element<C, kScale>(pc, g, mc, wc, s, on);
-  const uint32_t bits = sr ? element_bits(key, i) : 0u;
-  if constexpr (Cfg::kMaster) master[j] = pc;
-  p[j] = Param<Cfg::PT>::store(pc, bits, sr);
-  m[j] = store_moment<Cfg::MT>(mc, bits >> 16, sr);
-  w[j] = store_moment<Cfg::MT>(wc, sr ? exp_avg_sq_bits(bits) : 0u, sr);
+  if constexpr (kTelemetry) {
+    const typename Cfg::P old = p[j];
+    const C before = pc;
+    update_element<C, kScale, true>(pc, g, mc, wc, s, on, fig);
+    const uint32_t bits = sr ? element_bits(key, i) : 0u;
+    if constexpr (Cfg::kMaster) master[j] = pc;
+    const typename Cfg::P stored = Param<Cfg::PT>::store(pc, bits, sr);
+    p[j] = stored;
+    m[j] = store_moment<Cfg::MT>(mc, bits >> 16, sr);
+    w[j] = store_moment<Cfg::MT>(wc, sr ? exp_avg_sq_bits(bits) : 0u, sr);
+    measure_store<Cfg>(*fig, old, stored, before, pc, wc);
+  } else {
+    update_element<C, kScale>(pc, g, mc, wc, s, on);
+    const uint32_t bits = sr ? element_bits(key, i) : 0u;
+    if constexpr (Cfg::kMaster) master[j] = pc;
+    p[j] = Param<Cfg::PT>::store(pc, bits, sr);
+    m[j] = store_moment<Cfg::MT>(mc, bits >> 16, sr);
+    w[j] = store_moment<Cfg::MT>(wc, sr ? exp_avg_sq_bits(bits) : 0u, sr);
+  }
 }
 
 // Calls f(Config<...>{}) with the Config of (pt, gt, mt, master, sr); only valid combinations are
@@ -548,6 +602,10 @@ void check_step_args(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& initial_loss,
                      c10::DeviceType device_type);
 
+// Throws unless `telemetry` is none or a contiguous float64 [num_chunks, kFigures] on `device`.
+void check_telemetry(const std::optional<at::Tensor>& telemetry, int64_t num_chunks,
+                     const at::Device& device);
+
 // The given table if rows_host points at exactly these tensors, else a fresh one for them
 // (torch.compile's functionalization passes copies of the mutated tensors); a fresh table takes
 // each tensor's parameter index and element offset from rows_host. `allow_rebuild` false turns
@@ -580,6 +638,7 @@ struct StepLaunch {
   bool maximize = false;
   bool stochastic_rounding = false;
   uint64_t seed = 0;
+  std::optional<at::Tensor> telemetry;  // a row per chunk (FigureField); none: not measured
 };
 
 StepLaunch make_launch(KernelTable table, c10::ArrayRef<double> hyper,
@@ -604,7 +663,7 @@ void fast_step(at::TensorList params, const at::Tensor& slots, const at::Tensor&
                const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& grad_scale, const at::Tensor& initial_loss,
                const at::Tensor& skipped, const at::Tensor& take, const at::Tensor& tables,
-               PrologueFn prologue, RunFn run);
+               at::TensorList telemetry, PrologueFn prologue, RunFn run);
 
 // The in-place writes of a launch, made known to autograd as torch's own in-place ops do (a
 // backward through a graph that saved the old values then raises instead of using new ones).

@@ -17,8 +17,8 @@ from adaml_kernels.layout import CHUNK, L_MIN, TABLE_COLUMNS
 from adaml_kernels.triton_kernel import adaml_kernel
 
 POINTERS = ("rows_ptr", "chunk_tensor_ptr", "loss_ptr", "take_ptr", "lr_ptr", "grad_scale_ptr",
-            "initial_loss_ptr")
-POINTER_TYPES = ("*i64", "*i32", "*fp32", "*fp32", "*fp32", "*fp32", "*fp64")
+            "initial_loss_ptr", "telemetry_ptr")
+POINTER_TYPES = ("*i64", "*i32", "*fp32", "*fp32", "*fp32", "*fp32", "*fp64", "*fp64")
 FLOATS = ("lr", "beta1", "one_minus_beta1", "log_beta1", "beta2", "one_minus_beta2",
           "log_beta2", "eps", "gamma", "phi_hi", "phi_lo", "loss_offset_hi", "loss_offset_lo",
           "weight_decay")
@@ -26,8 +26,8 @@ INTS = ("seed_lo", "seed_hi")
 
 
 def compile_variant(arch, param, aligned, features, moment=None):
-    # features on: every switch, and the low-precision modes (bf16 moments, stochastic rounding;
-    # float32 gradients and master weights for half params). `moment`: another moment dtype.
+    # features on: every switch, the low-precision modes (bf16 moments, stochastic rounding;
+    # float32 gradients and master weights for half params) and telemetry. `moment`: another moment dtype.
     half = param in (tl.float16, tl.bfloat16)
     if moment is None:
         moment = tl.bfloat16 if features else tl.float32
@@ -36,7 +36,7 @@ def compile_variant(arch, param, aligned, features, moment=None):
         MOMENT=moment, MASTER=features and half, SR=features,
         NORMALIZE=features, MAXIMIZE=features, DECAY_MODE=1 if features else 0,
         LR_IS_TENSOR=features, HAS_GRAD_SCALE=features, ALIGNED=aligned, CHUNK=CHUNK,
-        COLUMNS=TABLE_COLUMNS, L_MIN=L_MIN,
+        COLUMNS=TABLE_COLUMNS, L_MIN=L_MIN, TELEMETRY=features,
     )
     signature = dict(zip(POINTERS, POINTER_TYPES))
     signature.update({name: "fp32" for name in FLOATS})

@@ -4,6 +4,10 @@ Written straight from the spec, independently of the package's code. Parameters 
 half type are rounded (to nearest, ties to even) on store, as the spec says; everything else
 stays in float64, except that w saturates at the largest finite value of the moment dtype.
 
+Each step also leaves, per parameter stepped, its telemetry (SPEC.md, Telemetry) in
+`ParamState.figures`: counts and the sum of squared changes in float64, and for each count the
+number of elements whose outcome float32 arithmetic could decide either way (`ambiguous_*`).
+
 The low-precision modes (SPEC.md, Precision; docs/low_precision.md defines the hash):
 a float32 master weight is the float32 rounding of the new value and the stored parameter is
 rounded from it; bf16 moments are rounded on store (the step uses the unrounded values, as the
@@ -103,6 +107,7 @@ class ParamState:
     moments: str = "float32"  # the moments' storage: float32, bfloat16, uint8 (or float64)
     master: np.ndarray | None = None  # float32 master weight (master_weights)
     index: int = 0  # the parameter's index in the optimizer
+    figures: dict | None = None  # the telemetry of its last step (see the module docstring)
 
     def __post_init__(self):
         self.m = np.zeros_like(self.p) if self.m is None else self.m
@@ -141,6 +146,7 @@ class Oracle:
             # 3.
             g = g.astype(np.float64)
             p = st.p if st.master is None else st.master
+            stored_before, before = st.p, p
             if h.maximize:
                 g = -g
             if grad_scale is not None:
@@ -151,7 +157,9 @@ class Oracle:
                 p = p * (1 - h.lr * h.weight_decay)
             # 4-5.
             m = h.beta1 * st.m + (1 - h.beta1) * g
-            w = h.beta2 * st.w + (1 - h.beta2) * g**2 / (h.gamma * l**h.phi) + h.eps * l
+            adaptive, non_adaptive = (1 - h.beta2) * g**2 / (h.gamma * l**h.phi), h.eps * l
+            w = h.beta2 * st.w + adaptive + non_adaptive
+            w_exact = w
             if st.storage != "float64":  # float32 moments saturate (SPEC.md, Precision)
                 w = np.minimum(w, FLOAT32_MAX)
             # 6-7.
@@ -168,6 +176,8 @@ class Oracle:
                 st.master = round_to_storage(p, "float32")
                 p = st.master
             st.p = store(p, st.storage, bits)
+            st.figures = _figures(st, stored_before, before, p, bits, adaptive, non_adaptive,
+                                  w_exact)
             m_bits = w_bits = None
             if bits is not None:
                 m_bits, w_bits = bits >> np.uint64(16), _mix32(bits ^ np.uint64(0x6A09E667))
@@ -184,6 +194,44 @@ class Oracle:
                 continue
             st.m = m if st.moments != "bfloat16" else store(m, "bfloat16", m_bits)
             st.w = w if st.moments != "bfloat16" else store(w, "bfloat16", w_bits)
+
+
+# ------------------------------------------------------------------------- telemetry
+
+# How close to its threshold an outcome must be for float32 arithmetic to decide it either way.
+_AMBIGUOUS = 1e-5
+_F32_ULP = 2.0**-23
+
+
+def _figures(st: ParamState, stored_before, before, after, bits, adaptive, non_adaptive,
+             w_exact) -> dict:
+    """SPEC.md, Telemetry, of one parameter's step: `stored_before` and st.p are the parameter
+    as stored before and after, `before` and `after` the values the update read and computed
+    (the master weight's, if any), w_exact the new w before saturating."""
+    top = {"bfloat16": BFLOAT16_MAX, "float64": math.inf}.get(st.moments, FLOAT32_MAX)
+    out = dict(elements=st.p.size)
+    out["sgd_like"] = int(np.sum(non_adaptive >= adaptive))
+    out["ambiguous_sgd_like"] = int(np.sum(
+        np.abs(non_adaptive - adaptive) <= _AMBIGUOUS * np.maximum(non_adaptive, adaptive)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out["saturated"] = int(np.sum(w_exact > top))
+        out["ambiguous_saturated"] = int(np.sum(np.abs(w_exact - top) <= _AMBIGUOUS * top))
+    change = st.p - stored_before
+    out["squared_change"] = float(np.sum(change * change))
+    out["lost"] = out["ambiguous_lost"] = 0
+    out["squared_change_slack"] = 0.0  # what rounding ambiguities may add or take away
+    if st.storage in _STORAGE:  # fp16/bf16: a nonzero update whose stored value stayed
+        update = after - before
+        out["lost"] = int(np.sum((update != 0) & (st.p == stored_before)))
+        # float32 arithmetic may round the new value to either side of a rounding boundary,
+        # and an update below float32's resolution of the value to zero
+        delta = _AMBIGUOUS * np.abs(update) + 2 * _F32_ULP * np.abs(after)
+        low, high = store(after - delta, st.storage, bits), store(after + delta, st.storage, bits)
+        out["ambiguous_lost"] = int(np.sum((low != high) | (np.abs(update) <= delta)))
+        either = low != high  # stored one step either way: the change by up to that step
+        out["squared_change_slack"] = float(np.sum(
+            ((np.abs(change) + np.abs(high - low)) ** 2)[either]))
+    return out
 
 
 # ------------------------------------------------------------------------- 8-bit moments

@@ -160,9 +160,11 @@ def test_low_precision_modes_run_where_they_apply(tmp_path):
         ("float32", "torch_fused"): 28,
         ("bfloat16", "cpu+8bit"): 10.0625, ("float16", "cpu+8bit"): 10.0625,
         ("float32", "cpu+8bit"): 16.0625,
+        ("bfloat16", "cpu+telemetry"): 22, ("float16", "cpu+telemetry"): 22,
+        ("float32", "cpu+telemetry"): 28,
     }
     assert {r["mode"] for r in rows if r["backend"].startswith("cpu")} == {
-        "default", "sr", "master", "bf16m", "bf16m+sr", "master+bf16m+sr", "8bit"}
+        "default", "sr", "master", "bf16m", "bf16m+sr", "master+bf16m+sr", "8bit", "telemetry"}
     path2 = tmp_path / "default.json"
     assert cli.main(args[:-1] + [str(path2), "--modes", "default"]) == 0
     assert {r["backend"] for r in json.loads(path2.read_text())} == {"cpu", "torch_fused"}

@@ -29,22 +29,24 @@ def stepped_optimizer(steps=2, **kwargs):
 
 
 @needs_ext
+@pytest.mark.parametrize("telemetry", [False, True])
 @pytest.mark.parametrize("normalize_loss", [False, True])
 @pytest.mark.parametrize("found_inf", [None, 0.0, 1.0])
-def test_opcheck_fast_step(normalize_loss, found_inf):
+def test_opcheck_fast_step(normalize_loss, found_inf, telemetry):
     # (It reads the tensors' addresses too: the AOT-dispatch check, which traces with copies,
     # cannot apply.)
     from adaml_kernels.hyperparams import group_launch_values
 
-    model, opt, loss = stepped_optimizer(normalize_loss=normalize_loss)
+    model, opt, loss = stepped_optimizer(normalize_loss=normalize_loss, telemetry=telemetry)
     fast = opt.engine.fast
     slots, record = fast.check_args
-    rows, rows_hosts, chunks, configs, bucket_groups, tables = fast.launch_args
+    rows, rows_hosts, chunks, configs, bucket_groups, tables, telemetry = fast.launch_args
     args = (list(model.parameters()), slots, record, torch.zeros(1, dtype=torch.int64), rows,
             rows_hosts, chunks, configs, bucket_groups,
             list(group_launch_values(opt.param_groups[0])), [None], loss,
             None if found_inf is None else torch.tensor(found_inf), torch.tensor(2.0),
-            opt.initial_loss.clone(), opt.engine.skipped.clone(), torch.zeros(()), tables)
+            opt.initial_loss.clone(), opt.engine.skipped.clone(), torch.zeros(()), tables,
+            telemetry)
     torch.library.opcheck(ops.fast_step_.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))

@@ -26,6 +26,9 @@ needs_triton = pytest.mark.skipif(
 def test_kernel_compiles_for_gpus_with_vector_accesses():
     # Compiles for sm_80 and sm_90 without a GPU; aligned data must get 16-byte accesses.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the package under test, not whichever checkout an editable install points at
+    root = os.path.dirname(os.path.dirname(adaml_kernels.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in [env.get("PYTHONPATH")] if x])
     out = subprocess.run(
         [sys.executable, os.path.join(HERE, "compile_triton_for_gpu.py"), "80", "90"],
         env=env, capture_output=True, text=True, timeout=600,

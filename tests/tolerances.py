@@ -90,3 +90,10 @@ QUANT8_SR_BIAS = 0.016
 # is within 1.25 * 6.5% / 16 = 0.5% (one sigma) of the exact EMA. 2.5% is five sigma.
 # (Rounding to nearest stalls at w < x / 64: the median is then 0.025 of it.)
 QUANT8_SR_EMA = 0.025
+
+# Telemetry (tests/test_telemetry.py): update_rms against the float64 evaluation of the same step.
+# A float32 parameter's new value is rounded once more than the oracle's (an ulp of p against a
+# change of about lr = 1e-2 of it: 1e-5 relative), and the kernels sum squares in float32 per
+# chunk of 2048 (at most ~1e-4 relative, typically far less): 2e-4 relative on the mean square.
+# Counts are exact up to the oracle's `ambiguous_*` elements, whose outcome float32 decides.
+TELEMETRY_MEAN_SQUARE_RTOL = 2e-4

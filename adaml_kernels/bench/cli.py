@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="all",
                    help="AdamL's low-precision modes to run on each fused backend, besides the "
                         "default (comma-separated): sr, master, bf16m, bf16m+sr, "
-                        "master+bf16m+sr; 'all' (default) or 'default' (none). Each runs only "
-                        "for the dtypes it concerns: e.g. --dtype bfloat16 runs all of them, "
-                        "float32 bf16m and bf16m+sr")
+                        "master+bf16m+sr, 8bit, telemetry (telemetry=True, beside the same "
+                        "backend without it); 'all' (default) or 'default' (none). Each runs "
+                        "only for the dtypes it concerns: e.g. --dtype bfloat16 runs all of "
+                        "them, float32 bf16m and bf16m+sr")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against size")
     p.add_argument("--memory-check", action="store_true",

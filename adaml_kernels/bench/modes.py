@@ -1,4 +1,5 @@
-"""AdamL's low-precision modes as the benchmark measures them: options, and bytes per parameter.
+"""AdamL's low-precision modes (and telemetry) as the benchmark measures them: options, and bytes
+per parameter.
 
     default          AdamL as constructed plainly: float32 moments, rounding to nearest
     sr               stochastic_rounding=True                          (bf16 parameters)
@@ -7,13 +8,15 @@
     bf16m+sr         bf16 moments, stochastic rounding                 (fp32/bf16)
     master+bf16m+sr  all three                                         (fp16/bf16)
     8bit             state_dtype=torch.uint8: 8-bit moments            (fp32/fp16/bf16)
+    telemetry        telemetry=True: the kernels also measure (docs/telemetry.md); every dtype
 
 Traffic (each array read once and written once): read the gradient, the parameter (or its
 float32 master weight) and both moments; write the parameter, the master weight and both
 moments. bf16 parameters: default 22 B, sr 22 B, master 28 B, bf16m 14 B, master+bf16m 20 B;
 float32 parameters: default 28 B, bf16m 20 B. An 8-bit moment is 1 B per parameter plus a float32
 scale per 256 (quant8.py): 1.015625 B, so 8bit moves 16.06 B on float32 parameters and 10.06 B on
-bf16 ones. (Tensors below MIN_8BIT_NUMEL = 4096 elements keep float32 moments; the model counts
+bf16 ones. Telemetry moves the default's bytes (plus 32 B per 2048-element chunk, not
+counted). (Tensors below MIN_8BIT_NUMEL = 4096 elements keep float32 moments; the model counts
 8 bits for all, so it overstates the saving on small tensors and lists of them.)
 """
 
@@ -77,6 +80,7 @@ MODES = {
         Mode("master+bf16m+sr",
              dict(master_weights=True, state_dtype=BF16, stochastic_rounding=True), HALF),
         Mode("8bit", dict(state_dtype=torch.uint8), (torch.float32,) + HALF),
+        Mode("telemetry", dict(telemetry=True)),
     )
 }
 DEFAULT = MODES["default"]
