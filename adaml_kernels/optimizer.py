@@ -179,6 +179,11 @@ class AdamL(torch.optim.Optimizer):
         return self.engine.release is not None
 
     @property
+    def telemetry_enabled(self) -> bool:
+        """Whether the kernels measure the figures telemetry() returns (telemetry=True)."""
+        return self.engine.telemetry is not None
+
+    @property
     def bucket_cap_mb(self) -> float | None:
         """Gradient release's bucket size in MiB of gradient (None without gradient release)."""
         release = self.engine.release

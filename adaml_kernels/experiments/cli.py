@@ -7,6 +7,8 @@
     adaml-experiments report [--quick] [--seeds N] [--docs DIR] [--json-dir DIR]
     adaml-experiments precision [--quick] [--seeds N] [--json PATH] [--plot PATH] [--page DIR]
                                 (low-precision training; --page docs writes docs/precision.md)
+    adaml-experiments telemetry [--quick] [--json PATH] [--plot PATH] [--page DIR]
+                                (AdamL's modes; --page docs writes docs/telemetry_results.md)
 
 --plot PATH writes PATH and, where there is a gamma x phi sweep, PATH_sweep.png beside it.
 """
@@ -39,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
     p.add_argument("--page", metavar="DIR", help="write DIR/precision.md and DIR/precision.png")
+    p = sub.add_parser("telemetry", help="AdamL's SGD-like and adaptive modes, read from its "
+                       "telemetry, at three (gamma, phi) and two eps")
+    _common_options(p)
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
+    p.add_argument("--page", metavar="DIR",
+                   help="write DIR/telemetry_results.md and DIR/telemetry_modes.png")
     p = sub.add_parser("report", help="run every experiment and write DIR/results.md")
     _common_options(p)
     p.add_argument("--docs", default="docs", metavar="DIR", help="results.md and PNGs (docs)")
@@ -58,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "precision":
         return _precision(args, seeds, argv)
+    if args.command == "telemetry":
+        return _telemetry(args, argv)
 
     result = run_experiment(args.command, args.quick, seeds, sweep=not args.no_sweep)
     if args.json:
@@ -91,6 +102,28 @@ def _precision(args, seeds: int, argv) -> int:
             m, s = r["final_loss_mean_std"]
             print(f"  lr {float(lr):g}  {name:28s} final loss {m:.4f} ± {s:.4f}  "
                   f"({r['vs_fp32']:+.4f} vs fp32, {r['verdict']})")
+    return 0
+
+
+def _telemetry(args, argv) -> int:
+    from . import telemetry, telemetry_page
+
+    start = time.perf_counter()
+    result = telemetry.run(quick=args.quick)
+    result["meta"] = {"experiment": "telemetry", "quick": args.quick,
+                      "seconds": time.perf_counter() - start, "machine": machine()}
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        for path in telemetry.plot(result, args.plot):
+            print(f"wrote {path}")
+    if args.page:
+        command = "adaml-experiments " + " ".join(sys.argv[1:] if argv is None else argv)
+        for path in telemetry_page.write(result, args.page, command):
+            print(f"wrote {path}")
+    print(f"telemetry: {result['meta']['seconds']:.1f} s")
+    for key, r in result["runs"].items():
+        print(f"  {key:28s} {r['summary']}")
     return 0
 
 

@@ -31,6 +31,11 @@ What it does, for the fit it is attached to:
   ``AdamL(..., amp_scaling=False)``): under "16-mixed" GradScaler unscales before the clipping
   and skips overflowing steps itself; under "bf16-mixed" and "32" there is no GradScaler and the
   switch changes nothing else. The setting is restored when the fit ends.
+
+``AdamLTelemetryCallback(every_n_steps=None)`` logs AdamL's telemetry (``AdamL(...,
+telemetry=True)``, docs/telemetry.md) to every logger of the Trainer, as ``adaml/<figure>``,
+every ``every_n_steps`` optimizer steps (default: the Trainer's ``log_every_n_steps``). The
+figures stay on the device between logging steps; each logging step reads them in one transfer.
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ import types
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from . import find_adaml
+from . import find_adaml, telemetry_metrics
 
-__all__ = ["AdamLCallback"]
+__all__ = ["AdamLCallback", "AdamLTelemetryCallback"]
 
 
 class AdamLCallback(Callback):
@@ -117,3 +122,32 @@ def _step_with_registered_losses(opt):
                 del opt.step
 
     return undo
+
+
+class AdamLTelemetryCallback(Callback):
+    """Logs AdamL's telemetry every ``every_n_steps`` optimizer steps (see the module
+    docstring); ``last`` holds the figures it logged last."""
+
+    def __init__(self, every_n_steps: int | None = None, prefix: str = "adaml"):
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be a positive int or None, not {every_n_steps!r}")
+        self.every_n_steps, self.prefix = every_n_steps, prefix
+        self.last: dict[str, float] = {}
+        self._logged_step = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimizer steps so far
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if step == 0 or step % every or step == self._logged_step:
+            return  # not a logging step, or a micro-batch of a step already logged
+        self._logged_step = step
+        metrics = {}
+        for opt in trainer.optimizers:
+            adaml = find_adaml(opt)
+            if adaml is not None and adaml.telemetry_enabled:
+                metrics.update(telemetry_metrics(adaml, self.prefix if len(trainer.optimizers)
+                                                 == 1 else f"{self.prefix}/{id(adaml):x}"))
+        if metrics:
+            self.last = metrics
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)

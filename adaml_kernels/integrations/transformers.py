@@ -20,13 +20,18 @@ and AdamL's loss averaging undo). So the loss AdamL uses is the sum of the regis
 loss of the accumulated batch, whose gradient is in .grad. Under fp16, Trainer's GradScaler
 scales inside ``accelerator.backward``; the returned loss is unscaled, and the GradScaler hands
 its scale to AdamL (amp_scaling=True, which also works with Trainer's gradient clipping).
+
+With ``AdamL(..., telemetry=True)`` AdamLTrainer adds AdamL's telemetry (docs/telemetry.md) to
+Trainer's training logs as ``adaml/<figure>``: on Trainer's logging steps only (``logging_steps``),
+so every callback that reports logs (TensorBoard, W&B, the console) gets them, and no other step
+reads them.
 """
 
 from __future__ import annotations
 
 from transformers import Trainer
 
-from . import find_adaml
+from . import find_adaml, telemetry_metrics
 
 __all__ = ["AdamLTrainer"]
 
@@ -55,3 +60,9 @@ class AdamLTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         adaml.add_loss(loss)  # the tensor Trainer backpropagated, detached
         return loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        adaml = find_adaml(self.optimizer)
+        if adaml is not None and "loss" in logs:  # a training log, not an evaluation's
+            logs = {**logs, **telemetry_metrics(adaml)}
+        super().log(logs, *args, **kwargs)
