@@ -23,6 +23,12 @@ buckets step before the last one exists): under --gradient-release the default -
 clipping), and an explicit --clip > 0 is refused. Elsewhere --clip defaults to 1.0; --clip 0
 turns clipping off. bf16 autocast needs no GradScaler and works with both.
 
+`--telemetry` builds AdamL with telemetry=True (docs/telemetry.md) and prints, on logging steps
+only, the share of SGD-like elements, the RMS of the update and the shares of lost bf16 updates
+and of saturated w, over the whole model (under FSDP2 and tensor parallelism the ranks' figures
+are combined with adaml_kernels.telemetry.all_reduce, one all-reduce on those steps); `--out`
+records them per logged step. It cannot be combined with --gradient-release yet.
+
 Per step it measures the whole step (batch, forward, backward, clipping, optimizer) and the time
 in opt.step alone (AdamL's loss all-reduce included), synchronising on CUDA. Under
 --gradient-release the optimizer's updates run inside backward, so they count in the step time
@@ -81,6 +87,8 @@ def parse_args(argv=None):
                    help="update each bucket during backward and free its gradients")
     p.add_argument("--bucket-cap-mb", type=float, default=None,
                    help="gradient release: the most gradient MiB of one bucket (AdamL's default)")
+    p.add_argument("--telemetry", action="store_true",
+                   help="log AdamL's telemetry (SGD-like share, update RMS) on logging steps")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the model")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast")
     p.add_argument("--no-bar", action="store_true", help="plain lines, no tqdm bar")
@@ -93,6 +101,8 @@ def parse_args(argv=None):
         p.error(f"--clip {args.clip} cannot be combined with --gradient-release: clipping by "
                 "global norm needs every gradient, and the buckets step during backward, before "
                 "the last one exists (leave --clip out, or --clip 0)")
+    if args.telemetry and args.gradient_release:
+        p.error("--telemetry cannot be combined with --gradient-release yet (AdamL refuses it)")
     if args.bucket_cap_mb is not None and not args.gradient_release:
         p.error("--bucket-cap-mb sizes gradient release's buckets: it needs --gradient-release")
     if args.clip is None:
@@ -175,6 +185,17 @@ def load(model, opt, args) -> int:
     return int(state["step"])
 
 
+def model_figures(opt, mesh) -> dict:
+    """AdamL's telemetry of the last step over the whole model, as floats: the param group's
+    figures (this script has one group), combined over the ranks that hold different shards."""
+    import adaml_kernels.telemetry
+
+    groups = opt.telemetry()
+    if mesh is not None:
+        groups = adaml_kernels.telemetry.all_reduce(groups)
+    return {key: float(value) for key, value in groups[0].items()}
+
+
 def params_sha256(model) -> str:
     """SHA-256 of every full parameter in order (a collective under DTensor: all ranks call)."""
     h = hashlib.sha256()
@@ -204,7 +225,8 @@ def main(argv=None) -> dict:
     # just weight each data-parallel batch tp times. Without a process group: nothing to average.
     release = dict(gradient_release=True, bucket_cap_mb=args.bucket_cap_mb) \
         if args.gradient_release else {}
-    opt = AdamL(model.parameters(), lr=args.lr, loss_group=dp_mesh, **release)
+    opt = AdamL(model.parameters(), lr=args.lr, loss_group=dp_mesh, telemetry=args.telemetry,
+                **release)
     start = load(model, opt, args) if args.resume else 0
     fwd = model if args.no_compile else torch.compile(model)
     data = load_bytes()
@@ -226,7 +248,7 @@ def main(argv=None) -> dict:
             raise SystemExit("the progress bar needs tqdm: pip install tqdm, or run with --no-bar")
         bar = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True)
     say = bar.write if bar is not None else print
-    losses, step_s, opt_s = {}, [], []
+    losses, step_s, opt_s, figures = {}, [], [], {}
     for step in range(start, args.steps):
         sync()
         t0 = time.perf_counter()
@@ -260,14 +282,21 @@ def main(argv=None) -> dict:
         if args.ckpt and args.save_every and (step + 1) % args.save_every == 0 \
                 and step + 1 < args.steps:
             save(model, opt, step + 1, args)
+        logging = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        if args.telemetry and logging:  # every rank: under FSDP2 / TP it is an all-reduce
+            figures[step + 1] = model_figures(opt, mesh)
         if rank0:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[step + 1]:.4f}",
                                 tok_s=f"{tokens / step_s[-1]:.0f}")
-            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            if logging:
                 say(f"step {step + 1:5d}  loss {losses[step + 1]:.4f}  "
-                    f"{tokens / step_s[-1]:8.0f} tok/s  opt {100 * opt_s[-1] / step_s[-1]:4.1f}%")
+                    f"{tokens / step_s[-1]:8.0f} tok/s  opt {100 * opt_s[-1] / step_s[-1]:4.1f}%"
+                    + ("" if not args.telemetry else
+                       "  sgd-like {sgd_like_fraction:.3f}  update rms {update_rms:.2e}  "
+                       "lost {lost_update_fraction:.3f}  saturated {saturated_fraction:.3f}"
+                       .format(**figures[step + 1])))
     if bar is not None:
         bar.close()
     if args.ckpt and step_s:
@@ -288,7 +317,7 @@ def main(argv=None) -> dict:
         "mesh": None if mesh is None else dict(zip(mesh.mesh_dim_names, mesh.shape)),
         "compiled": not args.no_compile, "amp_bf16": not args.no_amp,
         "gradient_release": args.gradient_release, "bucket_cap_mb": opt.bucket_cap_mb,
-        "clip": args.clip,
+        "clip": args.clip, "telemetry": figures if args.telemetry else None,
     }
     if rank0 and not step_s:
         print(f"nothing to train: the checkpoint is at step {start}, --steps is {args.steps}")

@@ -30,6 +30,7 @@ N, K = 6, 3  # uninterrupted N steps; K steps, save, resume to N
 # Gradient release with buckets of about 20 kB of gradient: the tiny model's 160 kB are
 # several buckets, each launched from its own hook during backward.
 RELEASE = ["--gradient-release", "--bucket-cap-mb", "0.02"]
+TELEMETRY = ["--telemetry", "--log-every", "2"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -58,6 +59,8 @@ def _read(out, tag):
 
 def worker(rank, world, out):
     _split_runs(out, "fsdp", ["--fsdp"])
+    _main(TINY + ["--fsdp"] + TELEMETRY + ["--steps", str(N),
+                                           "--out", os.path.join(out, "fsdp-telemetry.json")])
     _split_runs(out, "tp", ["--tp"])  # 2 ranks: a (dp=1, tp=2) mesh
 
 
@@ -161,8 +164,36 @@ def test_one_process_gradient_release_equals_the_ordinary_step_without_clipping(
     assert runs["clipped"]["params_sha256"] != runs["plain"]["params_sha256"]
 
 
+def _assert_telemetry_logged(run, plain):
+    """Figures on the logging steps (2, 4, 6), plausible, and the run bitwise the one without
+    telemetry: measuring changes nothing."""
+    figures = run["telemetry"]
+    assert sorted(figures, key=int) == ["2", "4", "6"]
+    for f in figures.values():
+        assert 0.0 <= f["sgd_like_fraction"] <= 1.0 and f["update_rms"] > 0.0
+        assert f["lost_update_fraction"] == 0.0  # float32 parameters
+        assert f["elements"] == run["params"]  # every parameter had a gradient
+    assert figures["2"]["update_rms"] != figures["6"]["update_rms"]
+    assert run["losses"] == plain["losses"] and run["params_sha256"] == plain["params_sha256"]
+
+
+def test_one_process_telemetry(tmp_path):
+    for tag, extra in (("telemetry", TELEMETRY), ("plain", [])):
+        _main(TINY + extra + ["--steps", str(N), "--out", str(tmp_path / f"{tag}.json")])
+    runs = {tag: json.load(open(tmp_path / f"{tag}.json")) for tag in ("telemetry", "plain")}
+    _assert_telemetry_logged(runs["telemetry"], runs["plain"])
+    assert runs["plain"]["telemetry"] is None
+
+
+def test_fsdp_two_ranks_telemetry(two_ranks):
+    """Under FSDP2 the figures are the two shards' combined (telemetry.all_reduce)."""
+    run = json.load(open(os.path.join(two_ranks, "fsdp-telemetry.json")))
+    _assert_telemetry_logged(run, _read(two_ranks, "fsdp")["full"])
+
+
 @pytest.mark.parametrize("argv, match", [
     (RELEASE + ["--clip", "1"], "cannot be combined with --gradient-release"),
+    (RELEASE + ["--telemetry"], "--telemetry cannot be combined with --gradient-release"),
     (["--bucket-cap-mb", "1"], "needs --gradient-release"),
     (["--clip", "-1"], "must be >= 0"),
 ])
