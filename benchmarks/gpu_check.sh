@@ -64,7 +64,7 @@ PY=${PYTHON:-python}
 unset TRITON_INTERPRET
 export PYTHONDONTWRITEBYTECODE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_quant8.py tests/test_quant8_triton.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py tests/test_precision.py tests/test_precision_behaviour.py}
+TESTS=${ADAML_GPU_TESTS:-tests/test_extension.py tests/test_gpu.py tests/test_quant8.py tests/test_quant8_triton.py tests/test_parity.py tests/test_triton.py tests/test_optimizer.py tests/test_hardening.py tests/test_sharded.py tests/test_fast_path.py tests/test_precision.py tests/test_precision_behaviour.py tests/test_telemetry.py}
 STAMP="$REPO/build/gpu_check.stamp"
 
 STEP_NAMES=()
@@ -183,8 +183,8 @@ part_bench() {
     check_extension
     # Every backend against torch's fused and foreach Adam (1M and 16M in one tensor, GPT-2 small,
     # 5,000 small tensors), float32 and bfloat16 parameters, each low-precision mode with its
-    # bytes per parameter; then the extra peak memory one step allocates beyond the optimizer
-    # state (and the state itself, per mode).
+    # bytes per parameter (telemetry on among them, beside off); then the extra peak memory one
+    # step allocates beyond the optimizer state (and the state itself, per mode).
     # shellcheck disable=SC2086  # ADAML_GPU_BENCH_ARGS is a list of options
     run_step bench "${ADAML_GPU_BENCH_LIMIT:-170}" "$PY" -m adaml_kernels.bench --device cuda \
         --no-progress ${ADAML_GPU_BENCH_ARGS---quick --sizes 1M,16M} \

@@ -19,6 +19,8 @@ from adaml_kernels.telemetry import KEYS
 from oracle import Hyper, Oracle, ParamState
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if b in available_backends("cpu")]
+GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available()
+                and b in available_backends("cuda")]
 
 MODES = {  # name: (param dtype, AdamL options)
     "fp32": (torch.float32, {}),
@@ -42,10 +44,10 @@ STORAGE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 MOMENTS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.uint8: "uint8"}
 
 
-def make(backend, mode, hyper, telemetry=True, seed=0):
+def make(backend, mode, hyper, telemetry=True, seed=0, device="cpu"):
     dtype, options = MODES[mode]
     g = torch.Generator().manual_seed(seed)
-    groups = [[torch.randn(s, generator=g).to(dtype).requires_grad_() for s in sizes]
+    groups = [[torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in sizes]
               for sizes in SIZES]
     opt = AdamL([{"params": ps} for ps in groups], backend=backend, telemetry=telemetry,
                 **hyper, **options)
@@ -58,12 +60,13 @@ def grads_for(params, step, skip=()):
     out = []
     for j, p in enumerate(params):
         scale = 10.0 ** (-5 * torch.rand(p.shape, generator=g))
-        out.append(None if j in skip else (torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+        out.append(None if j in skip else
+                   (torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype))
     return out
 
 
 def as_numpy(t):
-    return t.detach().to(torch.float64).numpy().copy()
+    return t.detach().cpu().to(torch.float64).numpy().copy()
 
 
 def moment_values(st, key):
@@ -130,10 +133,11 @@ def assert_matches(figures, expected):
             mean_square, want["squared_change"], slack)
 
 
-def run(backend, mode, hyper, steps, losses, twin=True):
+def run(backend, mode, hyper, steps, losses, twin=True, device="cpu"):
     """`steps` steps checked against the oracle, and (twin) bitwise against telemetry=False."""
-    params, opt = make(backend, mode, hyper)
-    twin_params, twin_opt = make(backend, mode, hyper, telemetry=False) if twin else (None, None)
+    params, opt = make(backend, mode, hyper, device=device)
+    twin_params, twin_opt = make(backend, mode, hyper, telemetry=False, device=device) \
+        if twin else (None, None)
     sums = []
     for k in range(steps):
         grads = grads_for(params, k, skip={sum(map(len, SIZES[:NO_GRAD[0]])) + NO_GRAD[1]})
@@ -141,7 +145,7 @@ def run(backend, mode, hyper, steps, losses, twin=True):
         for p, g in zip(params, grads):
             p.grad = g
         loss = losses[k]
-        opt.step(torch.tensor(loss))
+        opt.step(torch.tensor(loss, device=device))
         oracle.step([None if g is None else as_numpy(g) for g in grads], loss)
         expected = group_sums(oracle, {j for j, g in enumerate(grads) if g is not None})
         assert_matches(opt.telemetry(), expected)
@@ -149,7 +153,7 @@ def run(backend, mode, hyper, steps, losses, twin=True):
         if twin:
             for p, q, g in zip(params, twin_params, grads):
                 q.grad = None if g is None else g.clone()
-            twin_opt.step(torch.tensor(loss))
+            twin_opt.step(torch.tensor(loss, device=device))
             for p, q in zip(params, twin_params):
                 assert torch.equal(p, q)
                 for key, value in opt.state[p].items():
@@ -167,6 +171,17 @@ def test_figures_match_the_float64_oracle(backend, mode):
     assert 0 < total["sgd_like"] < total["elements"]  # both modes occur: the count can fail
     if mode.startswith(("bf16", "fp16")) and "master" not in mode:
         assert total["lost"] > 0
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA GPU (cuda or triton backend)")
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
+def test_figures_match_the_float64_oracle_on_gpu(backend, mode):
+    """The CUDA kernel's block reductions and the Triton kernel on a GPU: the same figures."""
+    _, opt, sums = run(backend, mode, MIXED, 3, [2.0, 1.5, 0.7], device="cuda")
+    total = sums[-1][0]
+    assert 0 < total["sgd_like"] < total["elements"]
+    assert all(f["update_rms"].is_cuda for f in opt.telemetry())
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16-moments", "8bit"])
