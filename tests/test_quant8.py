@@ -13,7 +13,7 @@ import torch
 import adaml_kernels
 from adaml_kernels import AdamL, quant8
 from oracle import Oracle, ParamState, quantize_8bit
-from parity import STEPS, LOUD, Inputs, as_torch, normwise_error
+from parity import LOUD, Inputs, as_torch, normwise_error
 from quant8_inputs import awkward
 from tolerances import (
     QUANT8_DRAWS, QUANT8_DRAWS_BLOCK, QUANT8_MISMATCH, QUANT8_MISMATCH_FLOOR,
