@@ -69,10 +69,21 @@ def _reading(result: dict) -> str:
     for task in sorted({k.split("|")[0] for k in result["runs"]}):
         runs = {tuple(k.split("|")[1:]): r for k, r in result["runs"].items()
                 if k.startswith(task + "|")}
-        by_eps = {}
+        by_eps, steady = {}, {}
         for (gamma, phi, eps), r in runs.items():
-            by_eps.setdefault(eps, []).append(sum(r["sgd_like_fraction"]) /
-                                              len(r["sgd_like_fraction"]))
+            f = r["sgd_like_fraction"]
+            by_eps.setdefault(eps, []).append(sum(f) / len(f))
+            steady.setdefault(eps, []).append(min(f) >= 0.5)
         means = ", ".join(f"eps {eps}: {sum(v) / len(v):.2f}" for eps, v in by_eps.items())
         lines.append(f"{task}: the SGD-like share averaged over steps and settings is {means}.")
+        for eps, flags in steady.items():
+            if all(flags):
+                lines.append(f"At eps {eps} every {task} run stays SGD-like at every step, for "
+                             "all three (gamma, phi): in these runs AdamL does not switch to its "
+                             "adaptive mode.")
+            elif not any(flags):
+                lines.append(f"At eps {eps} no {task} run stays SGD-like throughout.")
+            else:
+                lines.append(f"At eps {eps}, {sum(flags)} of the {len(flags)} {task} runs stay "
+                             "SGD-like at every step.")
     return " ".join(lines)
