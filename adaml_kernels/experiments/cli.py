@@ -35,19 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", metavar="PATH", help="write the results as JSON")
         p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
         p.add_argument("--no-sweep", action="store_true", help="skip the gamma x phi sweep")
-    p = sub.add_parser("precision", help="the char LSTM in fp32, bf16 (round to nearest, "
-                       "stochastic rounding, master weights) and with bf16 moments")
-    _common_options(p)
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
-    p.add_argument("--page", metavar="DIR", help="write DIR/precision.md and DIR/precision.png")
-    p = sub.add_parser("telemetry", help="AdamL's SGD-like and adaptive modes, read from its "
-                       "telemetry, at three (gamma, phi) and two eps")
-    _common_options(p)
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
-    p.add_argument("--page", metavar="DIR",
-                   help="write DIR/telemetry_results.md and DIR/telemetry_modes.png")
+    _page_parser(sub, "precision", "the char LSTM in fp32, bf16 (round to nearest, stochastic "
+                 "rounding, master weights) and with bf16 moments", "precision.md", "precision.png")
+    _page_parser(sub, "telemetry", "AdamL's SGD-like and adaptive modes, read from its "
+                 "telemetry, at three (gamma, phi) and two eps",
+                 "telemetry_results.md", "telemetry_modes.png")
     p = sub.add_parser("report", help="run every experiment and write DIR/results.md")
     _common_options(p)
     p.add_argument("--docs", default="docs", metavar="DIR", help="results.md and PNGs (docs)")
@@ -83,20 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 def _precision(args, seeds: int, argv) -> int:
     from . import precision, precision_page
 
-    start = time.perf_counter()
-    result = precision.run(quick=args.quick, seeds=seeds)
-    result["meta"] = {"experiment": "precision", "quick": args.quick,
-                      "seconds": time.perf_counter() - start, "machine": machine()}
-    if args.json:
-        write_json(result, args.json)
-    if args.plot:
-        for path in precision.plot(result, args.plot):
-            print(f"wrote {path}")
-    if args.page:
-        command = "adaml-experiments " + " ".join(sys.argv[1:] if argv is None else argv)
-        for path in precision_page.write(result, args.page, command):
-            print(f"wrote {path}")
-    print(f"precision: {result['meta']['seconds']:.1f} s")
+    result = _run_with_page("precision", precision, precision_page, args, argv,
+                            quick=args.quick, seeds=seeds)
     for lr, runs in result["by_lr"].items():
         for name, r in runs.items():
             m, s = r["final_loss_mean_std"]
@@ -108,23 +88,38 @@ def _precision(args, seeds: int, argv) -> int:
 def _telemetry(args, argv) -> int:
     from . import telemetry, telemetry_page
 
+    result = _run_with_page("telemetry", telemetry, telemetry_page, args, argv, quick=args.quick)
+    for key, r in result["runs"].items():
+        print(f"  {key:28s} {r['summary']}")
+    return 0
+
+
+def _run_with_page(name: str, experiment, page, args, argv, **run_kwargs) -> dict:
+    """An experiment that has a generated page: run it, record its time and machine, write
+    what --json, --plot and --page ask for, and print its time."""
     start = time.perf_counter()
-    result = telemetry.run(quick=args.quick)
-    result["meta"] = {"experiment": "telemetry", "quick": args.quick,
+    result = experiment.run(**run_kwargs)
+    result["meta"] = {"experiment": name, "quick": args.quick,
                       "seconds": time.perf_counter() - start, "machine": machine()}
     if args.json:
         write_json(result, args.json)
     if args.plot:
-        for path in telemetry.plot(result, args.plot):
+        for path in experiment.plot(result, args.plot):
             print(f"wrote {path}")
     if args.page:
         command = "adaml-experiments " + " ".join(sys.argv[1:] if argv is None else argv)
-        for path in telemetry_page.write(result, args.page, command):
+        for path in page.write(result, args.page, command):
             print(f"wrote {path}")
-    print(f"telemetry: {result['meta']['seconds']:.1f} s")
-    for key, r in result["runs"].items():
-        print(f"  {key:28s} {r['summary']}")
-    return 0
+    print(f"{name}: {result['meta']['seconds']:.1f} s")
+    return result
+
+
+def _page_parser(sub, name: str, help: str, page: str, figure: str) -> None:
+    p = sub.add_parser(name, help=help)
+    _common_options(p)
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write the figure (PNG)")
+    p.add_argument("--page", metavar="DIR", help=f"write DIR/{page} and DIR/{figure}")
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:

@@ -4,19 +4,15 @@ Every number on it comes from the run that wrote it."""
 from __future__ import annotations
 
 import datetime
-import os
+
+from .pages import generated_notice, write_page
 
 
 def write(result: dict, docs: str, command: str) -> list[str]:
     from . import precision
 
-    os.makedirs(docs, exist_ok=True)
-    figure = os.path.join(docs, "precision.png")
-    precision.plot(result, figure)
-    page = os.path.join(docs, "precision.md")
-    with open(page, "w") as f:
-        f.write(render(result, os.path.basename(figure), command))
-    return [page, figure]
+    return write_page(docs, "precision.md", "precision.png", lambda path: precision.plot(result, path),
+                      lambda figure: render(result, figure, command))
 
 
 def _kb(n: int) -> str:
@@ -30,8 +26,7 @@ def render(result: dict, figure: str, command: str) -> str:
     out = []
     w = out.append
     w("# Low-precision training with AdamL\n")
-    w("_This page is generated; do not edit it by hand._ Regenerate it (figure included) with\n")
-    w(f"```\n{command}\n```\n")
+    out.extend(generated_notice(command))
     w(f"It last ran on {datetime.date.today().isoformat()}: {machine['platform']}, "
       f"{machine['cpus']} CPUs ({machine['processor']}), no GPU, Python {machine['python']}, "
       f"torch {machine['torch']} with {machine['torch_threads']} thread(s); AdamL's backend "

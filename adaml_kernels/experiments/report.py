@@ -8,6 +8,7 @@ import os
 
 from .common import OPTIMIZERS, mean_std
 from .functions import PROBLEMS
+from .pages import generated_notice
 from .runner import EXPERIMENTS, run_experiment, summary, write_json
 
 # f(x0) of each test function
@@ -66,8 +67,7 @@ def render(results: dict, figures: dict, command: str, quick: bool) -> str:
     out = []
     w = out.append
     w("# AdamL against Adam, EAdam and AdaBelief, at small scale\n")
-    w("_This page is generated; do not edit it by hand._ Regenerate it (figures included) with\n")
-    w(f"```\n{command}\n```\n")
+    out.extend(generated_notice(command, "figures"))
     w(f"It last ran on {datetime.date.today().isoformat()}: {meta['platform']}, "
       f"{meta['cpus']} CPUs ({meta['processor']}), no GPU, Python {meta['python']}, "
       f"torch {meta['torch']} with {meta['torch_threads']} thread(s). AdamL ran with "

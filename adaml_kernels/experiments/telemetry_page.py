@@ -4,19 +4,15 @@ run. Every number and every sentence about the modes comes from the run that wro
 from __future__ import annotations
 
 import datetime
-import os
+
+from .pages import generated_notice, write_page
 
 
 def write(result: dict, docs: str, command: str) -> list[str]:
     from . import telemetry
 
-    os.makedirs(docs, exist_ok=True)
-    figure = os.path.join(docs, "telemetry_modes.png")
-    telemetry.plot(result, figure)
-    page = os.path.join(docs, "telemetry_results.md")
-    with open(page, "w") as f:
-        f.write(render(result, os.path.basename(figure), command))
-    return [page, figure]
+    return write_page(docs, "telemetry_results.md", "telemetry_modes.png", lambda path: telemetry.plot(result, path),
+                      lambda figure: render(result, figure, command))
 
 
 def render(result: dict, figure: str, command: str) -> str:
@@ -26,8 +22,7 @@ def render(result: dict, figure: str, command: str) -> str:
     out = []
     w = out.append
     w("# AdamL's modes, seen through its telemetry\n")
-    w("_This page is generated; do not edit it by hand._ Regenerate it (figure included) with\n")
-    w(f"```\n{command}\n```\n")
+    out.extend(generated_notice(command))
     w(f"It last ran on {datetime.date.today().isoformat()}: {machine['platform']}, "
       f"{machine['cpus']} CPUs ({machine['processor']}), no GPU, torch {machine['torch']}; "
       f"AdamL's backend: **{machine['adaml_backend']}**. Wall time {meta['seconds']:.0f} s."
