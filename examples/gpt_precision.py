@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt_model import GPT, batch, load_bytes  # noqa: E402
 
 from adaml_kernels import AdamL, quant8  # noqa: E402
+from adaml_kernels.experiments.common import mean_std  # noqa: E402
 
 BF16 = torch.bfloat16
 # name -> AdamL's options for the moments
@@ -98,13 +99,7 @@ def train(mode: str, seed: int, args, data) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
-
-
 def run(args) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = split(load_bytes(), args.seq_len, args.val_windows)
     out = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
            "params": sum(p.numel() for p in GPT(args.d_model, args.layers,

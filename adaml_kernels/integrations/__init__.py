@@ -13,6 +13,8 @@ See docs/frameworks.md for complete examples and for which loss AdamL sees in ea
 
 from __future__ import annotations
 
+import torch
+
 from ..optimizer import AdamL
 
 __all__ = ["find_adaml", "telemetry_metrics"]
@@ -51,6 +53,4 @@ def telemetry_metrics(optimizer: AdamL, prefix: str = "adaml") -> dict[str, floa
             values.append(value.detach().double().reshape(()).cpu())
     if not values:
         return {}
-    import torch
-
     return dict(zip(names, torch.stack(values).tolist()))

@@ -142,11 +142,12 @@ class AdamLTelemetryCallback(Callback):
             return  # not a logging step, or a micro-batch of a step already logged
         self._logged_step = step
         metrics = {}
-        for opt in trainer.optimizers:
+        several = len(trainer.optimizers) > 1
+        for i, opt in enumerate(trainer.optimizers):
             adaml = find_adaml(opt)
-            if adaml is not None and adaml.telemetry_enabled:
-                metrics.update(telemetry_metrics(adaml, self.prefix if len(trainer.optimizers)
-                                                 == 1 else f"{self.prefix}/{id(adaml):x}"))
+            if adaml is not None:  # (telemetry off: no figures)
+                metrics.update(telemetry_metrics(
+                    adaml, f"{self.prefix}/optimizer{i}" if several else self.prefix))
         if metrics:
             self.last = metrics
             for logger in trainer.loggers:
